@@ -1,0 +1,48 @@
+"""Metric interfaces for explanations, localisation and segmentation."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from .component import Component
+
+
+class Metric(Component, ABC):
+    """A score with documented conventions.
+
+    ``compute(...)`` returns per-sample scores, a float tensor (B,), on the inputs' device;
+    ``NaN`` marks a sample that is not counted (for example an empty ground-truth mask in the
+    pointing game). :meth:`aggregate` reduces them (mean over counted samples by default; a
+    metric with pooled averaging overrides it). Inputs are never modified. Per-sample values do
+    not depend on batch size or on the other samples in the batch.
+
+    Families and their ``compute`` signatures:
+      * ``"explanation"``: ``compute(model, images, saliency, targets=None)`` with images
+        (B, C, H, W), saliency (B, H, W) in any scale (only the order matters for rank-based
+        metrics), targets as for explainers (``None`` = predicted class);
+      * ``"localisation"``: ``compute(saliency, masks)`` with masks (B, H, W) bool;
+      * ``"segmentation"``: ``compute(predictions, masks)`` with predictions (B, H, W) as
+        probabilities in [0, 1] or bool, masks (B, H, W) bool.
+    """
+
+    kind = "metric"
+    family: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        self._init_config(config, overrides)
+
+    @abstractmethod
+    def compute(self, *args: Any, **kwargs: Any) -> torch.Tensor: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.compute(*args, **kwargs)
+
+    def aggregate(self, per_sample: torch.Tensor) -> float:
+        """Mean over counted (non-NaN) samples; NaN when none is counted."""
+        v = per_sample.detach().double().flatten()
+        v = v[~torch.isnan(v)]
+        return float(v.mean()) if v.numel() else float("nan")

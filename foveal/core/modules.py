@@ -1,0 +1,65 @@
+"""Helpers for working inside a user's model without leaving traces."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from .errors import InputError
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
+    """Return the sub-module named by a dotted path (``"layer4"``, ``"stages.3.blocks.2"``).
+
+    A module object is returned as is after checking it belongs to ``model``. An unknown name
+    raises :class:`InputError` listing the closest module names.
+    """
+    if isinstance(layer, nn.Module):
+        if not any(m is layer for m in model.modules()):
+            raise InputError(f"layer: the given {type(layer).__name__} is not a sub-module of the model")
+        return layer
+    if not isinstance(layer, str):
+        raise InputError(f"layer: expected a dotted module name or nn.Module, got {type(layer).__name__}")
+    named = dict(model.named_modules())
+    if layer in named:
+        return named[layer]
+    names = [n for n in named if n]
+    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+    if not close:
+        close = [n for n in names if layer.split(".")[-1] in n][:5]
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise InputError(
+        f"layer: no module named {layer!r} in {type(model).__name__}{hint} "
+        f"(list them with [n for n, _ in model.named_modules()])"
+    )
+
+
+@contextmanager
+def preserved_model_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[list]:
+    """Run code on ``model`` and put everything back afterwards, even on exceptions.
+
+    Yields a list; append hook handles (``register_forward_hook`` ...) to it and they are
+    removed on exit. Restored on exit: every module's train/eval flag, every parameter's
+    ``requires_grad`` and ``.grad`` (so no gradient written inside leaks out).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    requires = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    handles: list = []
+    try:
+        if eval_mode:
+            model.eval()
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+        handles.clear()
+        for m, training in modes:
+            m.training = training
+        for p, r, g in zip(params, requires, grads):
+            p.requires_grad_(r)
+            p.grad = g
