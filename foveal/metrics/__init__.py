@@ -1,0 +1,1 @@
+"""Functional metric implementations; registered as components by foveal.plugins.metrics."""

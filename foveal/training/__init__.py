@@ -1,0 +1,1 @@
+"""Trainers (segmentation, CA-Stream, AffinityNet). Shared pieces live in foveal.core.training."""
