@@ -65,13 +65,3 @@ def to_uint8(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.n
     x = x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
     return x.movedim(-3, -1).numpy()
-
-
-def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write uint8 (H, W) or (H, W, 3), or bool (H, W) as 0/255, to a PNG (creating folders)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    Image.fromarray(np.ascontiguousarray(array)).save(path)
-    return path
