@@ -2,7 +2,7 @@
 
 from .backbone import Backbone
 from .checkpoint import load, load_state, read_state_dict, save, save_state
-from .component import KINDS, Component
+from .component import KINDS, Component, PlainComponent
 from .config import ComponentConfig
 from .decoder import Decoder
 from .errors import CheckpointError, FovealError, InputError, PluginWarning, RegistryError
@@ -15,7 +15,7 @@ from .refiner import Refiner
 from .tensors import check_images, check_maps, check_masks, normalize_maps, resize_maps
 
 __all__ = [
-    "KINDS", "Backbone", "CheckpointError", "Component", "ComponentConfig", "Decoder",
+    "KINDS", "Backbone", "CheckpointError", "Component", "PlainComponent", "ComponentConfig", "Decoder",
     "Explainer", "FovealError", "InputError", "Metric", "Model", "PluginWarning", "Pooling",
     "Refiner", "RegistryError", "SegmentationTarget", "check_images", "check_maps", "check_masks",
     "load", "load_state", "normalize_maps", "preserved_model_state", "read_state_dict",

@@ -22,8 +22,8 @@ class Component:
     in ``__init__``. ``registry_name`` is filled in by ``registry.build`` so that
     ``foveal.save`` knows how to rebuild the component.
 
-    Components that are not ``nn.Module`` s (explainers, metrics) have an empty state by
-    default; override :meth:`state_dict`/:meth:`load_state_dict` when they hold tensors.
+    ``nn.Module`` components keep torch's ``state_dict``; the others derive from
+    :class:`PlainComponent`.
     """
 
     kind: ClassVar[str] = ""
@@ -60,7 +60,12 @@ class Component:
         # object.__setattr__ keeps nn.Module's __setattr__ out of the way for a plain attribute
         object.__setattr__(self, "config", self.parse_config(config, **overrides))
 
-    # Non-module components: no tensors unless a subclass says otherwise.
+
+class PlainComponent(Component):
+    """A component that is not an ``nn.Module`` (explainers, metrics): its checkpoint state is
+    empty unless a subclass overrides :meth:`state_dict`/:meth:`load_state_dict` (for example
+    an explainer holding trained attention weights)."""
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -72,9 +77,6 @@ class Component:
             )
         return None
 
-    def __repr_config__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())
-        return f"{type(self).__name__}({fields})"
 
 
 def format_validation_error(err: ValidationError) -> str:

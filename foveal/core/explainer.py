@@ -9,7 +9,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .component import Component
+from .component import PlainComponent
 from .errors import InputError
 from .modules import preserved_model_state
 from .tensors import check_images, normalize_maps, resize_maps
@@ -120,7 +120,7 @@ def target_scores(output: torch.Tensor, targets: Targets) -> torch.Tensor:
     return torch.stack(scores)
 
 
-class Explainer(Component, ABC):
+class Explainer(PlainComponent, ABC):
     """Saliency explainer.
 
     ``explain(model, images, targets=None) -> Tensor (B, H, W)``:

@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from .component import Component
+from .component import PlainComponent
 
 
-class Metric(Component, ABC):
+class Metric(PlainComponent, ABC):
     """A score with documented conventions.
 
     ``compute(...)`` returns per-sample scores, a float tensor (B,), on the inputs' device;

@@ -81,8 +81,12 @@ class Registry:
                 qual = f"{bundled.__name__}.{mod.name}"
                 self._load_plugin(qual, lambda q=qual: importlib.import_module(q),
                                   BUNDLED_DISTRIBUTION, __version__)
-            for ep, dist, version in self._third_party_entry_points():
-                self._load_plugin(ep.name, ep.load, dist, version)
+            try:
+                for ep, dist, version in self._third_party_entry_points():
+                    self._load_plugin(ep.name, ep.load, dist, version)
+            except RegistryError:
+                self._loaded = False  # a name conflict is raised on every use until resolved
+                raise
 
     @staticmethod
     def _third_party_entry_points():

@@ -1,0 +1,22 @@
+"""Shared test set-up: fast hypothesis profile, deterministic torch, small thread count."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "foveal", deadline=None, max_examples=int(os.environ.get("FOVEAL_HYPOTHESIS_EXAMPLES", "30")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("foveal")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,168 @@
+"""Checkpoints: round trip of every registered component, error cases, atomic writes, states."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import foveal
+from foveal import registry
+from foveal.core.checkpoint import load_state, read_metadata, read_state_dict, save_state
+from foveal.core.errors import CheckpointError
+from foveal.core.training import load_training_state, save_training_state
+from foveal.testing import check_component
+
+# Smaller settings for components whose defaults are slow to build on 2 CPU cores; the round
+# trip itself is what is tested, for every registered name.
+FAST = {"timm-backbone": {"model_name": "resnet18"}}
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_registered_component_round_trips(name):
+    check_component(name, **FAST.get(name, {}))
+
+
+def small_backbone():
+    return registry.build("timm-backbone", model_name="resnet10t")
+
+
+def test_metadata_and_weights_path_not_stored(tmp_path):
+    b = small_backbone()
+    w = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in b.body.state_dict().items()}, w)
+    b2 = registry.build("timm-backbone", model_name="resnet10t", weights=str(w))
+    path = foveal.save(b2, tmp_path / "b.safetensors", metadata={"note": "x"})
+    meta = read_metadata(path)
+    assert meta["name"] == "timm-backbone" and meta["kind"] == "backbone" and meta["note"] == "x"
+    assert meta["plugin"] == "foveal" and meta["foveal_version"] == foveal.__version__
+    assert json.loads(meta["config"]) == {"model_name": "resnet10t", "out_indices": None, "weights": None}
+    w.unlink()  # the checkpoint must not depend on the initial weights file
+    loaded = foveal.load(path)
+    for k, v in b2.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nope.safetensors"):
+        foveal.load(tmp_path / "nope.safetensors")
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        foveal.load(bad)
+    good = foveal.save(small_backbone(), tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        foveal.load(cut)
+
+
+def test_plain_safetensors_is_not_a_foveal_checkpoint(tmp_path):
+    p = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, p)
+    with pytest.raises(CheckpointError, match="not a foveal checkpoint .*read_state_dict"):
+        foveal.load(p)
+
+
+def test_missing_plugin_says_what_to_install(tmp_path):
+    p = tmp_path / "alien.safetensors"
+    save_file({}, p, metadata={"format": "foveal.checkpoint/1", "name": "alien-net", "config": "{}",
+                               "plugin": "foveal-alien", "plugin_version": "1.2"})
+    with pytest.raises(CheckpointError, match=r"'alien-net'.*pip install foveal-alien==1\.2"):
+        foveal.load(p)
+
+
+def test_key_and_shape_mismatches_are_listed(tmp_path):
+    b = small_backbone()
+    state = b.state_dict()
+    state.pop("body.conv1.0.weight")
+    state["body.extra"] = torch.zeros(1)
+    state["body.bn1.weight"] = torch.zeros(3)
+    p = tmp_path / "mm.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, p, metadata={
+        "format": "foveal.checkpoint/1", "name": "timm-backbone", "config": json.dumps({"model_name": "resnet10t"})})
+    with pytest.raises(CheckpointError) as e:
+        foveal.load(p)
+    msg = str(e.value)
+    assert "missing keys (1): body.conv1.0.weight" in msg
+    assert "unexpected keys (1): body.extra" in msg
+    assert "body.bn1.weight: checkpoint (3,) vs model" in msg
+
+
+def test_unregistered_component_cannot_be_saved(tmp_path):
+    from foveal.plugins.pooling import GlobalAveragePooling
+
+    with pytest.raises(CheckpointError, match="no registry name"):
+        foveal.save(GlobalAveragePooling(in_channels=3), tmp_path / "x.safetensors")
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    import foveal.core.checkpoint as ck
+
+    path = foveal.save(small_backbone(), tmp_path / "c.safetensors")
+    before = path.read_bytes()
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt  # interrupted half-way
+
+    monkeypatch.setattr(ck, "save_file", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        foveal.save(small_backbone(), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
+
+
+def test_read_state_dict_pth_never_unpickles(tmp_path):
+    sd = {"a": torch.arange(3.0)}
+    torch.save({"state_dict": sd}, tmp_path / "w.pth")
+    assert torch.equal(read_state_dict(tmp_path / "w.pth")["a"], sd["a"])
+    torch.save({"a": torch.zeros(1), "obj": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        read_state_dict(tmp_path / "evil.pth")
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        read_state_dict(tmp_path / "none.pth")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_nested_state_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "tuple": (1, "a", None), "np": np.arange(4), "f": 0.5}
+    save_state(state, tmp_path / "s.safetensors")
+    back = load_state(tmp_path / "s.safetensors")
+    assert back["tuple"] == (1, "a", None) and back["f"] == 0.5
+    np.testing.assert_array_equal(back["np"], np.arange(4))
+    assert set(back["optimizer"]["state"]) == {0, 1}  # int keys survive
+    opt2 = torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
+    opt2.load_state_dict(back["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_training_state_restores_rng_streams(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    save_training_state(tmp_path / "t.safetensors", model=model, epoch=3)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    state = load_training_state(tmp_path / "t.safetensors", model=model)
+    assert state["epoch"] == 3
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_module_components_keep_torch_state_dict():
+    b = small_backbone()
+    assert len(b.state_dict()) == len(b.body.state_dict()) > 0
