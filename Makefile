@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install --upgrade pip setuptools wheel
 
 # Reinstall when pyproject.toml changes.
 $(STAMP): pyproject.toml | $(VENV)/bin/python
