@@ -12,4 +12,6 @@ from pydantic import BaseModel, ConfigDict
 class ComponentConfig(BaseModel):
     """Base of every component ``Config``: unknown fields are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), ser_json_inf_nan="constants"
+    )

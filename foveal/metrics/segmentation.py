@@ -1,0 +1,123 @@
+"""Functional segmentation metrics: per-image Dice/IoU and the polyp-benchmark protocol.
+
+The polyp literature (PraNet, Polyp-PVT, CaraNet, RTA-Former Table II) reports *meanDice* and
+*meanIoU* computed by the PraNet evaluation toolbox (MATLAB ``Eval/main.m`` with
+``Fmeasure_calu.m``; the Python ports in the Polyp-PVT/UACANet repositories follow it):
+
+1. the prediction (sigmoid probability, resized to the mask) is min-max normalised per image,
+   ``(p - min) / (max - min)``; a constant map becomes all zeros (MATLAB ``mapminmax`` and
+   :func:`foveal.core.tensors.normalize_maps` agree on that);
+2. thresholds ``numpy.linspace(1, 0, 256)`` (MATLAB ``1:-1/255:0``): 1, 254/255, ..., 0, in that
+   (descending) order; a pixel is foreground when ``p >= threshold``;
+3. per image and threshold: ``Dice = 2|P&G| / (|P| + |G|)``, ``IoU = |P&G| / (|G| - |P&G| + |P|)``,
+   and **both are 0 whenever |P&G| = 0**, including an empty prediction on an empty mask;
+4. meanDice = mean over thresholds of the mean over images (the same number as the mean over
+   images of each image's mean over thresholds).
+
+Differences from the reference, on purpose: the reference reads predictions back from 8-bit PNG
+files (so they are quantised to multiples of 1/255 before normalisation); here the float
+prediction is used directly, in float64. Results agree except for pixels whose value lies
+within 1/255 of a threshold. :func:`dice_iou` (binary masks, e.g. at threshold 0.5) lets the
+caller choose the value for the empty/empty case (``empty_value``, default 1: a correct "no
+polyp" answer), unlike step 3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..core.errors import InputError
+from ..core.tensors import check_maps, check_masks, normalize_maps
+
+
+def _pair(pred: torch.Tensor, mask: torch.Tensor, pred_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = check_masks(mask, name="mask")
+    if tuple(pred.shape) != tuple(mask.shape):
+        raise InputError(f"{pred_name} {tuple(pred.shape)} and mask {tuple(mask.shape)} must have the same (B, H, W)")
+    return pred, mask.to(pred.device)
+
+
+def dice_iou(pred: torch.Tensor, mask: torch.Tensor, empty_value: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image Dice ``2|P&G|/(|P|+|G|)`` and IoU ``|P&G|/|P|G|`` of binary (B, H, W) masks.
+
+    An image whose prediction and mask are both empty gets ``empty_value`` for both (NaN to leave
+    it out of averages); when only one is empty the scores are 0. Returns two float64 (B,)."""
+    pred = check_masks(pred, name="pred")
+    pred, mask = _pair(pred, mask, "pred")
+    p, g = pred.flatten(1), mask.flatten(1)
+    inter = (p & g).sum(1).double()
+    sp, sg = p.sum(1).double(), g.sum(1).double()
+    union = sp + sg - inter
+    empty = (sp + sg) == 0
+    fill = torch.full_like(inter, float(empty_value))
+    dice = torch.where(empty, fill, 2 * inter / (sp + sg).clamp_min(1))
+    iou = torch.where(empty, fill, inter / union.clamp_min(1))
+    return dice, iou
+
+
+def thresholds(num_thresholds: int = 256) -> torch.Tensor:
+    """The reference thresholds ``numpy.linspace(1, 0, num_thresholds)`` as float64 (descending)."""
+    if num_thresholds < 2:
+        raise InputError(f"num_thresholds must be >= 2, got {num_thresholds}")
+    return torch.from_numpy(np.linspace(1.0, 0.0, num_thresholds))
+
+
+def threshold_curves(
+    prob: torch.Tensor, mask: torch.Tensor, num_thresholds: int = 256, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image Dice and IoU at every threshold of the PraNet protocol (module docstring,
+    steps 1-3): ``prob`` float (B, H, W), ``mask`` bool (B, H, W); returns two float64 (B, T)
+    tensors, column t for threshold ``thresholds(T)[t]`` (descending from 1 to 0).
+    ``normalize=False`` skips the per-image min-max normalisation."""
+    prob = check_maps(prob, name="prob")
+    prob, mask = _pair(prob, mask, "prob")
+    p = prob.detach().double().flatten(1)
+    if normalize:
+        p = normalize_maps(p)
+    thr = thresholds(num_thresholds).to(p.device)
+    ascending = thr.flip(0).contiguous()
+    # number of thresholds each pixel reaches: pixel is foreground at ascending[j] iff j < m
+    m = torch.searchsorted(ascending, p.contiguous(), right=True)
+    b, t = p.shape[0], num_thresholds
+    g = mask.flatten(1).double()
+    hist_all = torch.zeros(b, t + 1, dtype=torch.float64, device=p.device).scatter_add_(1, m, torch.ones_like(p))
+    hist_fg = torch.zeros(b, t + 1, dtype=torch.float64, device=p.device).scatter_add_(1, m, g)
+    # |P| at ascending[j] = pixels with m > j; reversed to the descending threshold order
+    num_pred = hist_all.flip(1).cumsum(1)[:, :t]
+    num_and = hist_fg.flip(1).cumsum(1)[:, :t]
+    num_obj = g.sum(1, keepdim=True)
+    hit = num_and > 0
+    dice = torch.where(hit, 2 * num_and / (num_obj + num_pred).clamp_min(1), torch.zeros_like(num_and))
+    iou = torch.where(hit, num_and / (num_obj - num_and + num_pred).clamp_min(1), torch.zeros_like(num_and))
+    return dice, iou
+
+
+def mean_dice_iou(prob: torch.Tensor, mask: torch.Tensor, num_thresholds: int = 256) -> dict[str, float]:
+    """Dataset summary of ``prob`` (B, H, W) against ``mask`` (B, H, W):
+
+    * ``meanDice``, ``meanIoU``: the polyp-benchmark protocol (module docstring), i.e. the
+      :func:`threshold_curves` averaged over images, then over thresholds;
+    * ``dice@0.5``, ``iou@0.5``: mean over images of :func:`dice_iou` on the *raw* probability
+      ``prob >= 0.5`` (no normalisation; empty/empty counts as 1);
+    * ``num_images``.
+
+    For a dataset evaluated in batches, concatenate the per-image curves instead (see
+    :func:`summarize_curves`)."""
+    dice_c, iou_c = threshold_curves(prob, mask, num_thresholds)
+    d05, i05 = dice_iou(check_maps(prob, name="prob") >= 0.5, mask)
+    return summarize_curves(dice_c, iou_c, d05, i05)
+
+
+def summarize_curves(
+    dice_curves: torch.Tensor, iou_curves: torch.Tensor, dice05: torch.Tensor, iou05: torch.Tensor
+) -> dict[str, float]:
+    """Combine per-image curves (N, T) and per-image scores at 0.5 (N,) into the summary dict of
+    :func:`mean_dice_iou`."""
+    return {
+        "meanDice": float(dice_curves.mean(0).mean()),
+        "meanIoU": float(iou_curves.mean(0).mean()),
+        "dice@0.5": float(dice05.double().mean()),
+        "iou@0.5": float(iou05.double().mean()),
+        "num_images": int(dice_curves.shape[0]),
+    }
