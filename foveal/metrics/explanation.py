@@ -1,0 +1,512 @@
+"""Faithfulness metrics of saliency maps: the model's score on images masked by the map.
+
+Functional, batched and device-agnostic; the registered components in
+:mod:`foveal.plugins.metrics` wrap these functions. Conventions shared by every function here:
+
+* **Score** (``output``): ``"probability"`` = softmax over dim 1 of the model output, then the
+  target's entry; ``"logit"`` = the raw output entry. Segmentation outputs (B, K, H, W) go
+  through the same softmax over K and are reduced by the target (class index: sum over pixels;
+  callable: its value), as in :func:`foveal.core.explainer.target_scores`.
+* **Class** (``targets``): ``None`` = the class the model predicts on the *unmodified* image,
+  kept fixed for every perturbed version (RISE, torchcam, Chefer et al.); otherwise the given
+  class indices / callables. For segmentation outputs, ``None`` freezes a
+  :class:`~foveal.core.explainer.SegmentationTarget` on the region predicted on the unmodified
+  image.
+* **Masking space and baseline** (``baseline``): images are perturbed in the space the model
+  receives them (after normalisation): a removed pixel becomes ``"zero"`` (0 in that space,
+  i.e. the normalisation mean colour for ImageNet-normalised inputs; RISE's deletion and
+  Grad-CAM++'s ``E * x``), ``"black"`` (pixel value 0 before normalisation, ``-mean / std``;
+  Chefer et al.), ``"mean"`` (each image's per-channel mean) or ``"blur"`` (RISE's Gaussian
+  blur: 11x11 kernel, sigma 5, zero padding). All channels of a pixel are removed together.
+* **Ranking and ties**: pixels are ranked by decreasing saliency with a *stable* sort, so equal
+  values are ranked by increasing row-major index (the top-left one first). Only the order of
+  the values matters for rank-based metrics, which are therefore invariant to strictly
+  increasing transforms of the map that create no new ties.
+* **Counts**: a fraction ``f`` of ``n`` pixels is ``floor(f * n)`` pixels (Chefer et al.'s
+  ``int(n * f)``).
+* The model is left as found (:func:`~foveal.core.modules.preserved_model_state`, eval mode) and
+  run under ``torch.no_grad``; inputs are not modified; per-sample results do not depend on
+  the batch (each perturbed image is scored on its own row); results are (B,) tensors of the
+  images' dtype on their device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import lru_cache, wraps
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.errors import InputError
+from ..core.explainer import SegmentationTarget, Targets
+from ..core.modules import preserved_model_state
+from ..core.tensors import check_images, check_maps, normalize_maps
+
+Output = Literal["probability", "logit"]
+Baseline = Literal["zero", "black", "mean", "blur"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+__all__ = [
+    "Output", "Baseline", "Perturbation", "average_drop", "average_increase", "average_gain",
+    "masked_scores", "deletion_curve", "insertion_curve", "deletion", "insertion",
+    "curve_auc", "percentage_in", "perturbation_curve", "perturbation_auc", "saliency_ranks",
+    "pixel_count", "make_baseline", "rise_blur",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+class Perturbation:
+    """How removed pixels are filled: baseline kind, the normalisation needed for ``"black"``,
+    RISE's blur parameters, the forward batch size and progress display."""
+
+    def __init__(
+        self, baseline: Baseline = "zero", mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD, blur_kernel_size: int = 11, blur_sigma: float = 5.0,
+        batch_size: int = 64, progress: bool = False,
+    ) -> None:
+        if baseline not in ("zero", "black", "mean", "blur"):
+            raise InputError(f"baseline: expected 'zero', 'black', 'mean' or 'blur', got {baseline!r}")
+        if batch_size < 1:
+            raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
+        self.baseline, self.mean, self.std = baseline, tuple(mean), tuple(std)
+        self.blur_kernel_size, self.blur_sigma = int(blur_kernel_size), float(blur_sigma)
+        self.batch_size, self.progress = int(batch_size), bool(progress)
+
+
+def pixel_count(fraction: float, n: int) -> int:
+    """``floor(fraction * n)`` clamped to [0, n] (a tiny epsilon absorbs float error, so that
+    ``0.7 * 100`` counts 70 pixels)."""
+    return min(n, max(0, int(math.floor(fraction * n + 1e-9))))
+
+
+def saliency_ranks(saliency: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """Rank of every pixel, (B, H*W) long: 0 = removed/kept first.
+
+    Stable sort: equal values keep row-major order (lower flat index ranks first) both for
+    ``descending=True`` (most salient first) and ``descending=False`` (least salient first).
+    """
+    flat = saliency.flatten(1)
+    order = torch.sort(flat, dim=1, descending=descending, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order).contiguous())
+    return ranks
+
+
+@lru_cache(maxsize=8)
+def _rise_kernel(size: int, sigma: float) -> tuple[float, ...]:
+    """RISE's ``gkern``: a centred delta smoothed by ``scipy.ndimage.gaussian_filter`` (reflect
+    mode, truncate 4), which is separable: the 2-D kernel is the outer product of this 1-D one."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter1d
+
+    delta = np.zeros(size)
+    delta[size // 2] = 1.0
+    return tuple(float(v) for v in gaussian_filter1d(delta, sigma))
+
+
+def rise_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """RISE's insertion substrate: per-channel Gaussian blur with zero padding ``kernel_size // 2``
+    (as ``conv2d(x, gkern(11, 5), padding=5)`` in the RISE code)."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise InputError(f"blur_kernel_size: expected a positive odd integer, got {kernel_size}")
+    k1 = torch.tensor(_rise_kernel(kernel_size, float(sigma)), dtype=images.dtype, device=images.device)
+    k2 = torch.outer(k1, k1)
+    c = images.shape[1]
+    weight = k2.expand(c, 1, kernel_size, kernel_size)
+    return F.conv2d(images, weight, padding=kernel_size // 2, groups=c)
+
+
+def make_baseline(images: torch.Tensor, p: Perturbation) -> torch.Tensor:
+    """The image every removed pixel is taken from, same shape as ``images``."""
+    if p.baseline == "zero":
+        return torch.zeros_like(images)
+    if p.baseline == "black":
+        c = images.shape[1]
+        if len(p.mean) != c or len(p.std) != c:
+            raise InputError(
+                f"baseline 'black': mean/std have {len(p.mean)}/{len(p.std)} values, images have {c} channels"
+            )
+        mean = torch.tensor(p.mean, dtype=images.dtype, device=images.device)
+        std = torch.tensor(p.std, dtype=images.dtype, device=images.device)
+        return ((0.0 - mean) / std)[None, :, None, None].expand_as(images).clone()
+    if p.baseline == "mean":
+        return images.mean(dim=(2, 3), keepdim=True).expand_as(images).clone()
+    return rise_blur(images, p.blur_kernel_size, p.blur_sigma)
+
+
+def _check(images: torch.Tensor, saliency: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    images = check_images(images, channels=None)
+    saliency = check_maps(saliency, like=images).to(images.device)
+    if not saliency.is_floating_point():
+        saliency = saliency.to(images.dtype)
+    return images, saliency
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() not in (2, 4):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"model: expected an output tensor (B, K) or (B, K, H, W), got {got}")
+    return out
+
+
+class _Scorer:
+    """Per-image targets frozen on the unmodified images, applied to any batch of outputs whose
+    rows belong to known samples."""
+
+    def __init__(self, original: torch.Tensor, targets: Targets, output: Output) -> None:
+        if output not in ("probability", "logit"):
+            raise InputError(f"output: expected 'probability' or 'logit', got {output!r}")
+        self.output = output
+        b, k = original.shape[:2]
+        self.classes: torch.Tensor | None = None
+        self.callables: list[Callable[[torch.Tensor], torch.Tensor]] | None = None
+        if targets is None:
+            if original.dim() == 2:
+                self.classes = original.argmax(1)
+            else:
+                mean = output == "probability"
+                self.callables = [self._frozen_segmentation_target(original[i : i + 1], mean) for i in range(b)]
+            return
+        if isinstance(targets, torch.Tensor):
+            if targets.is_floating_point() or targets.dim() > 1:
+                raise InputError(f"targets: expected an int or a ({b},) int tensor, got {tuple(targets.shape)} "
+                                 f"{targets.dtype}")
+            targets = [int(targets)] * b if targets.dim() == 0 else targets.tolist()
+        if isinstance(targets, int):
+            targets = [targets] * b
+        if callable(targets):
+            raise InputError("targets: a batched callable cannot be frozen per image; pass one callable per image")
+        targets = list(targets)
+        if len(targets) != b:
+            raise InputError(f"targets: expected {b} targets (one per image), got {len(targets)}")
+        if all(not callable(t) for t in targets):
+            cls = torch.tensor([int(t) for t in targets], device=original.device)
+            if bool(((cls < 0) | (cls >= k)).any()):
+                raise InputError(f"targets: class indices {cls.tolist()} out of range for a model with {k} outputs")
+            self.classes = cls
+        else:
+            self.callables = [t if callable(t) else self._class_fn(int(t), k) for t in targets]
+
+    @staticmethod
+    def _class_fn(c: int, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        if not 0 <= c < k:
+            raise InputError(f"targets: class {c} out of range for a model with {k} outputs")
+        return lambda out: out[:, c].flatten(1).sum(1)
+
+    @staticmethod
+    def _frozen_segmentation_target(logits: torch.Tensor, mean: bool) -> SegmentationTarget:
+        """The predicted region of the unmodified image (as :func:`default_target`). With
+        ``mean`` (probability scores) the region's weights sum to 1, so the score is the mean
+        class probability over the region, in [0, 1] (0 for an empty region); with logits it is
+        the sum of logits over the region, as the explainers' target."""
+        k = logits.shape[1]
+        if k == 1:
+            region = (logits[0, 0] > 0).to(logits.dtype)
+            cat = 0
+        else:
+            pred = logits.argmax(1)[0]
+            areas = torch.stack([(pred == c).sum() for c in range(1, k)])
+            cat = int(areas.argmax()) + 1
+            region = (pred == cat).to(logits.dtype)
+        if mean:
+            region = region / region.sum().clamp_min(1)
+        return SegmentationTarget(cat, region)
+
+    def activate(self, out: torch.Tensor) -> torch.Tensor:
+        """Probabilities: softmax over classes, or the sigmoid of a single-channel (binary
+        segmentation) output; logits unchanged."""
+        if self.output != "probability":
+            return out
+        return out.sigmoid() if out.dim() == 4 and out.shape[1] == 1 else out.softmax(dim=1)
+
+    def __call__(self, out: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+        act = self.activate(out)
+        if self.classes is not None:
+            cls = self.classes[samples]
+            if act.dim() == 2:
+                return act.gather(1, cls[:, None])[:, 0]
+            picked = act[torch.arange(act.shape[0], device=act.device), cls].flatten(1)
+            return picked.mean(1) if self.output == "probability" else picked.sum(1)
+        assert self.callables is not None
+        scores = []
+        for row, s in enumerate(samples.tolist()):
+            v = self.callables[s](act[row : row + 1]).reshape(-1)
+            if v.numel() != 1:
+                raise InputError(f"targets[{s}]: a per-image callable must return one score, got {v.numel()}")
+            scores.append(v[0])
+        return torch.stack(scores)
+
+    def correct(self, out: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+        """Top-1 correctness (argmax == class) for classification outputs."""
+        if self.classes is None or out.dim() != 2:
+            raise InputError("score 'accuracy' needs a classifier (B, K) output and class-index targets")
+        return (out.argmax(1) == self.classes[samples]).to(out.dtype)
+
+
+def _original(model: nn.Module, images: torch.Tensor, targets: Targets, output: Output, batch_size: int):
+    """``(scorer, scores (B,), outputs)`` of the unmodified images; the scorer freezes the targets."""
+    outs = [_run(model, images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    out = torch.cat(outs)
+    scorer = _Scorer(out, targets, output)
+    samples = torch.arange(images.shape[0], device=images.device)
+    return scorer, scorer(out, samples), out
+
+
+def _scores_of_jobs(
+    model: nn.Module, scorer: _Scorer, start: torch.Tensor, finish: torch.Tensor, ranks: torch.Tensor,
+    samples: torch.Tensor, counts: torch.Tensor, p: Perturbation, desc: str, accuracy: bool = False,
+) -> torch.Tensor:
+    """Score one perturbed image per job j: sample ``samples[j]`` with its ``counts[j]`` first-ranked
+    pixels taken from ``finish`` and the rest from ``start``. Jobs run in batches of ``p.batch_size``."""
+    b, c, h, w = start.shape
+    n = samples.shape[0]
+    result = torch.empty(n, dtype=start.dtype, device=start.device)
+    chunks = range(0, n, p.batch_size)
+    for lo in tqdm(chunks, desc=desc, disable=(not p.progress) or None, leave=False):
+        s = samples[lo : lo + p.batch_size]
+        sel = ranks[s] < counts[lo : lo + p.batch_size, None]
+        x = torch.where(sel[:, None], finish[s].flatten(2), start[s].flatten(2)).view(-1, c, h, w)
+        out = _run(model, x)
+        result[lo : lo + p.batch_size] = scorer.correct(out, s) if accuracy else scorer(out, s).to(start.dtype)
+    return result
+
+
+def _guarded(fn):
+    """Run ``fn(model, ...)`` with the model in eval mode, restored afterwards, without grads."""
+
+    @wraps(fn)
+    def wrapper(model: nn.Module, *args, **kwargs):
+        with preserved_model_state(model), torch.no_grad():
+            return fn(model, *args, **kwargs)
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------
+# Average drop / increase / gain (Grad-CAM++; attention-guided-cam.txt 4.2.1-4.2.2;
+# ca-stream.txt section 4 after Opti-CAM)
+# --------------------------------------------------------------------------------------------
+@_guarded
+def masked_scores(
+    model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None, *,
+    output: Output = "probability", keep_fraction: float | None = None, p: Perturbation | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``(Y, O)``, each (B,): on the images and on the images masked by the explanation.
+
+    The mask ``E`` is the per-image min-max normalised map (soft mask, Grad-CAM++ / Opti-CAM /
+    torchcam; a constant map gives ``E = 0``) or, with ``keep_fraction``, the binary mask of
+    the top ``floor(keep_fraction * H * W)`` pixels (Abs-CAM 4.2 uses 50%). The masked image
+    is ``E * x + (1 - E) * baseline``; with the default ``"zero"`` baseline this is ``E * x``.
+    """
+    p = p or Perturbation()
+    images, saliency = _check(images, saliency)
+    scorer, y, _ = _original(model, images, targets, output, p.batch_size)
+    if keep_fraction is None:
+        e = normalize_maps(saliency.to(images.dtype))
+    else:
+        if not 0.0 <= keep_fraction <= 1.0:
+            raise InputError(f"keep_fraction: expected a value in [0, 1], got {keep_fraction}")
+        k = pixel_count(keep_fraction, saliency[0].numel())
+        e = (saliency_ranks(saliency) < k).view_as(saliency).to(images.dtype)
+    base = make_baseline(images, p)
+    masked = e[:, None] * images + (1 - e[:, None]) * base
+    samples = torch.arange(images.shape[0], device=images.device)
+    o = torch.cat([scorer(_run(model, masked[i : i + p.batch_size]), samples[i : i + p.batch_size])
+                   for i in range(0, images.shape[0], p.batch_size)])
+    return y.to(images.dtype), o.to(images.dtype)
+
+
+def average_drop(model, images, saliency, targets=None, **kw) -> torch.Tensor:
+    """Per-image drop in %: ``100 * max(0, Y - O) / Y`` (attention-guided-cam.txt eq. 8,
+    Grad-CAM++ sec. 4). NaN (not counted) where ``Y <= 0`` (possible with logits only).
+    torchcam divides by ``Y + 1e-7`` instead; the difference is below 1e-5 %."""
+    y, o = masked_scores(model, images, saliency, targets, **kw)
+    return torch.where(y > 0, 100.0 * (y - o).clamp_min(0) / y.clamp_min(torch.finfo(y.dtype).tiny),
+                       torch.full_like(y, float("nan")))
+
+
+def average_increase(model, images, saliency, targets=None, **kw) -> torch.Tensor:
+    """Per-image increase indicator in %: ``100 * [Y < O]`` (eq. 9; its mean over images is the
+    "percent increase in confidence"). Strict: equal scores are no increase."""
+    y, o = masked_scores(model, images, saliency, targets, **kw)
+    return 100.0 * (y < o).to(y.dtype)
+
+
+def average_gain(model, images, saliency, targets=None, **kw) -> torch.Tensor:
+    """Per-image gain in %: ``100 * max(0, O - Y) / (1 - Y)`` (Opti-CAM, used by CA-Stream
+    section 4), defined for probabilities only; 0 where ``Y == 1`` (no gain possible)."""
+    if kw.get("output", "probability") != "probability":
+        raise InputError("average gain needs output='probability' (it divides by 1 - Y)")
+    y, o = masked_scores(model, images, saliency, targets, **kw)
+    room = 1 - y
+    return torch.where(room > 0, 100.0 * (o - y).clamp_min(0) / room.clamp_min(torch.finfo(y.dtype).tiny),
+                       torch.zeros_like(y))
+
+
+# --------------------------------------------------------------------------------------------
+# Insertion / deletion (RISE, Petsiuk et al. 2018; abs-cam.txt 4.2; ca-stream.txt section 4)
+# --------------------------------------------------------------------------------------------
+def _step_counts(n: int, steps: int) -> list[int]:
+    """RISE's schedule: ``s = ceil(n / steps)`` pixels per step, counts 0, s, 2s, ..., n."""
+    if steps < 1:
+        raise InputError(f"steps: expected a positive integer, got {steps}")
+    s = -(-n // steps)
+    return [*range(0, n, s), n]
+
+
+def _curve(model, images, saliency, targets, steps, output, p, mode):
+    images, saliency = _check(images, saliency)
+    b, _, h, w = images.shape
+    n = h * w
+    counts = _step_counts(n, steps)
+    scorer, y, _ = _original(model, images, targets, output, p.batch_size)
+    ranks = saliency_ranks(saliency)
+    base = make_baseline(images, p)
+    # Points that need a forward: deletion skips count 0 (the image), insertion skips count n.
+    inner = counts[1:] if mode == "deletion" else counts[:-1]
+    start, finish = (images, base) if mode == "deletion" else (base, images)
+    dev = images.device
+    samples = torch.arange(b, device=dev).repeat_interleave(len(inner))
+    jobs = torch.tensor(inner, device=dev).repeat(b)
+    scores = _scores_of_jobs(model, scorer, start, finish, ranks, samples, jobs, p, mode).view(b, len(inner))
+    y = y.to(images.dtype)[:, None]
+    curve = torch.cat([y, scores], 1) if mode == "deletion" else torch.cat([scores, y], 1)
+    fractions = torch.tensor(counts, dtype=torch.float64, device=dev) / n
+    return fractions, curve
+
+
+@_guarded
+def deletion_curve(model, images, saliency, targets=None, *, steps: int = 224, output: Output = "probability",
+                   p: Perturbation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fractions (P,), scores (B, P))``: the score as the most salient pixels are replaced by
+    the baseline (default ``"zero"``, RISE's ``torch.zeros_like`` substrate), ``ceil(HW/steps)``
+    pixels per step, from the unmodified image (fraction 0) to the all-baseline image (1)."""
+    return _curve(model, images, saliency, targets, steps, output, p or Perturbation("zero"), "deletion")
+
+
+@_guarded
+def insertion_curve(model, images, saliency, targets=None, *, steps: int = 224, output: Output = "probability",
+                    p: Perturbation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fractions (P,), scores (B, P))``: the score as the most salient pixels are restored
+    into the baseline image (default ``"blur"``, RISE's blurred substrate), from the
+    all-baseline image (fraction 0) to the unmodified image (1)."""
+    return _curve(model, images, saliency, targets, steps, output, p or Perturbation("blur"), "insertion")
+
+
+def curve_auc(curve: torch.Tensor, fractions: torch.Tensor, x_axis: Literal["step", "fraction"] = "step"
+              ) -> torch.Tensor:
+    """Area under (B, P) curves, normalised so that a constant curve ``c`` has area ``c``.
+
+    ``"step"``: points equally spaced on [0, 1] (RISE's ``auc``: ``(sum - y0/2 - yP/2) / (P - 1)``);
+    ``"fraction"``: trapezoid against the actually perturbed fraction (torchcam). They agree
+    when ``steps`` divides the number of pixels.
+    """
+    if x_axis == "step":
+        x = torch.linspace(0, 1, curve.shape[1], dtype=torch.float64, device=curve.device)
+    elif x_axis == "fraction":
+        x = fractions.to(device=curve.device, dtype=torch.float64)
+    else:
+        raise InputError(f"x_axis: expected 'step' or 'fraction', got {x_axis!r}")
+    return torch.trapezoid(curve.double(), x, dim=1).to(curve.dtype)
+
+
+def deletion(model, images, saliency, targets=None, *, steps: int = 224, output: Output = "probability",
+             x_axis: Literal["step", "fraction"] = "step", p: Perturbation | None = None) -> torch.Tensor:
+    """Deletion AUC per image (lower is better); see :func:`deletion_curve` and :func:`curve_auc`."""
+    f, c = deletion_curve(model, images, saliency, targets, steps=steps, output=output, p=p)
+    return curve_auc(c, f, x_axis)
+
+
+def insertion(model, images, saliency, targets=None, *, steps: int = 224, output: Output = "probability",
+              x_axis: Literal["step", "fraction"] = "step", p: Perturbation | None = None) -> torch.Tensor:
+    """Insertion AUC per image (higher is better); see :func:`insertion_curve` and :func:`curve_auc`."""
+    f, c = insertion_curve(model, images, saliency, targets, steps=steps, output=output, p=p)
+    return curve_auc(c, f, x_axis)
+
+
+# --------------------------------------------------------------------------------------------
+# Percentage in (attention-guided-cam.txt 4.2 and 4.2.3)
+# --------------------------------------------------------------------------------------------
+@_guarded
+def percentage_in(model, images, saliency, targets=None, *, fraction: float = 0.25, output: Output = "probability",
+                  percent: bool = True, p: Perturbation | None = None) -> torch.Tensor:
+    """The model's score on the image with only its top ``floor(fraction * H * W)`` pixels kept
+    (the map set to 1 there and 0 elsewhere, multiplied point-wise with the image, i.e. the
+    ``"zero"`` baseline), in percent of the probability when ``percent`` (logits are returned
+    as they are)."""
+    p = p or Perturbation("zero")
+    if not 0.0 <= fraction <= 1.0:
+        raise InputError(f"fraction: expected a value in [0, 1], got {fraction}")
+    images, saliency = _check(images, saliency)
+    b, _, h, w = images.shape
+    scorer, _, _ = _original(model, images, targets, output, p.batch_size)
+    samples = torch.arange(b, device=images.device)
+    counts = torch.full((b,), pixel_count(fraction, h * w), device=images.device)
+    s = _scores_of_jobs(model, scorer, make_baseline(images, p), images, saliency_ranks(saliency), samples,
+                        counts, p, "percentage-in")
+    return s * 100.0 if percent and output == "probability" else s
+
+
+# --------------------------------------------------------------------------------------------
+# Positive / negative perturbation (Chefer et al. 2021; vit-lrp-affinitynet.txt 5.2)
+# --------------------------------------------------------------------------------------------
+CHEFER_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@_guarded
+def perturbation_curve(
+    model, images, saliency, targets=None, *, mode: Literal["positive", "negative"] = "positive",
+    fractions: Sequence[float] = CHEFER_FRACTIONS, score: Literal["accuracy", "probability"] = "accuracy",
+    p: Perturbation | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fractions (P,), values (B, P))``: top-1 correctness (or probability) of the class as the
+    ``floor(f * H * W)`` most (``"positive"``) or least (``"negative"``) relevant pixels are set to
+    the baseline (default ``"black"``: 0 in pixel space, as Chefer et al. zero the [0, 1] image
+    before normalising). Fraction 0 is the unmodified image ("for x=0 we used the accuracy of
+    the network", Chefer, issue #31 of their repository). Negative ranks by increasing relevance,
+    ties again by increasing row-major index."""
+    p = p or Perturbation("black")
+    if mode not in ("positive", "negative"):
+        raise InputError(f"mode: expected 'positive' or 'negative', got {mode!r}")
+    fr = [float(f) for f in fractions]
+    if not fr or any(not 0.0 <= f <= 1.0 for f in fr) or any(b <= a for a, b in zip(fr, fr[1:])):
+        raise InputError(f"fractions: expected increasing values in [0, 1], got {list(fractions)}")
+    images, saliency = _check(images, saliency)
+    b, _, h, w = images.shape
+    scorer, y, out0 = _original(model, images, targets, "probability", p.batch_size)
+    accuracy = score == "accuracy"
+    dev = images.device
+    y0 = scorer.correct(out0, torch.arange(b, device=dev)) if accuracy else y
+    counts = [pixel_count(f, h * w) for f in fr]
+    inner = [c for c in counts if c > 0]
+    ranks = saliency_ranks(saliency, descending=(mode == "positive"))
+    samples = torch.arange(b, device=dev).repeat_interleave(len(inner))
+    jobs = torch.tensor(inner, device=dev, dtype=torch.long).repeat(b)
+    vals = _scores_of_jobs(model, scorer, images, make_baseline(images, p), ranks, samples, jobs, p,
+                           f"{mode} perturbation", accuracy=accuracy).view(b, len(inner))
+    n_zero = len(counts) - len(inner)
+    curve = torch.cat([y0.to(images.dtype)[:, None].expand(b, n_zero), vals], 1)
+    return torch.tensor(fr, dtype=torch.float64, device=dev), curve
+
+
+def perturbation_auc(model, images, saliency, targets=None, *, normalize: bool = False, **kw) -> torch.Tensor:
+    """Per-image ``np.trapz(values, fractions)`` (Chefer et al.; the mean over images equals the
+    trapezoid of the mean accuracy curve, their reported number / 100). Not normalised by
+    default: with the default fractions 0..0.9 the range is [0, 0.9]; ``normalize`` divides by
+    the fraction span so the range is [0, 1]."""
+    f, c = perturbation_curve(model, images, saliency, targets, **kw)
+    if len(f) < 2:
+        raise InputError("fractions: the AUC needs at least two fractions")
+    area = torch.trapezoid(c.double(), f, dim=1)
+    if normalize:
+        area = area / float(f[-1] - f[0])
+    return area.to(c.dtype)
