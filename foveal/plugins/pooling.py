@@ -57,9 +57,9 @@ class GlobalAveragePooling(Pooling):
 # --- CA-Stream ------------------------------------------------------------------------------
 
 @lru_cache(maxsize=32)
-def timm_stage_info(model_name: str) -> tuple[tuple[int, ...], tuple[str, ...], int]:
-    """(stage widths, stage module names, pooled width ``num_features``) of a timm classifier,
-    read from its ``feature_info`` on the meta device (no memory, no weights)."""
+def timm_stage_info(model_name: str) -> tuple[tuple[int, ...], int]:
+    """(stage widths, pooled width ``num_features``) of a timm classifier, read from its
+    ``feature_info`` on the meta device (no memory, no weights)."""
     import timm
 
     try:
@@ -70,8 +70,7 @@ def timm_stage_info(model_name: str) -> tuple[tuple[int, ...], tuple[str, ...], 
     info = getattr(net, "feature_info", None)
     if not info:
         raise InputError(f"ca-stream: timm model {model_name!r} has no feature_info to find its stages from")
-    return (tuple(int(f["num_chs"]) for f in info), tuple(str(f["module"]) for f in info),
-            int(getattr(net, "num_features", info[-1]["num_chs"])))
+    return tuple(int(f["num_chs"]) for f in info), int(getattr(net, "num_features", info[-1]["num_chs"]))
 
 
 class CrossAttention(nn.Module):
@@ -160,7 +159,7 @@ class CaStream(Pooling):
         if cfg.channels is not None:
             stages, out = list(cfg.channels), cfg.out_features or cfg.channels[-1]
         else:
-            widths, _, num_features = timm_stage_info(cfg.backbone)
+            widths, num_features = timm_stage_info(cfg.backbone)
             stages, out = list(widths), cfg.out_features or num_features
         self.num_stages = len(stages)
         widths = stages[-1:] if cfg.single_block else stages
@@ -235,6 +234,9 @@ class TimmClassifier(Model):
     class Config(ComponentConfig):
         model_name: str = Field("resnet50", description="timm classifier name (random init; see weights).")
         num_classes: int = Field(1000, gt=0, description="Number of classes of the classifier head.")
+        model_kwargs: dict[str, Any] = Field(
+            default_factory=dict, description="Extra timm.create_model arguments, e.g. {'channels': [16, 32, 64, 128]}."
+        )
         weights: str | None = Field(None, description="Local weights file (.safetensors/.pth) of the timm classifier.")
         pooling: Literal["gap", "ca-stream"] = Field("gap", description="Global pooling in front of the head.")
         single_block: bool = Field(False, description="CA-Stream: one CA block after the last stage only.")
@@ -249,9 +251,10 @@ class TimmClassifier(Model):
             import timm
 
             try:
-                net = timm.create_model(cfg.model_name, pretrained=False, num_classes=cfg.num_classes)
-            except RuntimeError as e:
-                raise InputError(f"{cfg.model_name!r} is not a timm model: {e}") from e
+                net = timm.create_model(cfg.model_name, pretrained=False, num_classes=cfg.num_classes,
+                                        **cfg.model_kwargs)
+            except (RuntimeError, TypeError) as e:
+                raise InputError(f"cannot build timm model {cfg.model_name!r} with {cfg.model_kwargs}: {e}") from e
             if cfg.weights:
                 load_weights(net, read_state_dict(cfg.weights), source=cfg.weights)
         info = getattr(net, "feature_info", None)
@@ -301,9 +304,12 @@ def wrap_classifier(classifier: nn.Module, pooling: str = "ca-stream", **options
     """Put a pooling around a timm classifier (or the ``net`` of a ``gap-classifier``) that it
     shares, not copies: ``wrap_classifier(timm.create_model("resnet50"))`` is a
     ``ca-stream-classifier`` whose backbone and head are the given model's modules. ``options``
-    are :class:`TimmClassifier` config fields (``heads``, ``single_block``, ...). The result can
-    be saved with ``foveal.save`` (it is rebuilt from the timm architecture name)."""
+    are :class:`TimmClassifier` config fields (``heads``, ``single_block``, ``model_kwargs`` ...). The result
+    can be saved with ``foveal.save``: it is rebuilt from the timm architecture name and
+    ``model_kwargs`` (give the ones the timm model was created with)."""
     net = classifier.net if isinstance(classifier, TimmClassifier) else classifier
+    if isinstance(classifier, TimmClassifier):
+        options.setdefault("model_kwargs", classifier.config.model_kwargs)
     cfg = getattr(net, "pretrained_cfg", None) or {}
     name = cfg.get("architecture")
     if not name or not hasattr(net, "num_classes"):
@@ -346,4 +352,4 @@ def register_components(register):
     register("ca-stream", CaStream, aliases=("cross-attention-stream",))
     register("gap-classifier", TimmClassifier, pooling="gap")
     register("ca-stream-classifier", TimmClassifier, aliases=("ca-classifier",), pooling="ca-stream")
-    register("ca-attention", CaAttention, aliases=("ca-stream-attention", "raw-attention"))
+    register("ca-attention", CaAttention, aliases=("ca-stream-attention",))

@@ -1,0 +1,185 @@
+"""GAP versus CA-Stream pooling, scored as in Table 1 of CA-Stream (ca-stream.txt, section 4):
+accuracy, and for each pooling Grad-CAM, Grad-CAM++ and Score-CAM scored with average drop (AD),
+average gain (AG), average increase (AI), insertion (I) and deletion (D).
+
+Used by ``examples/ca_stream_table1.py`` and by ``foveal demo``. Conventions: explanations and
+metrics use the predicted class; AD/AG/AI in percent with the soft-mask ``E * x``; I/D are RISE
+areas under the curve (insertion from the blurred image, deletion to zeros), reported x100 as in
+the paper.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from . import registry
+from .core.checkpoint import load
+from .core.errors import InputError
+from .data.classification import ImageFolderDataset, make_synthetic_classes, split_folder
+from .data.images import to_uint8
+from .plugins.pooling import TimmClassifier, wrap_classifier
+from .viz import grid, heatmap_overlay, save_image
+
+METHODS = ("grad-cam", "grad-cam++", "score-cam")
+METRICS = ("average-drop", "average-gain", "average-increase", "insertion", "deletion")
+COLUMNS = {"average-drop": "AD↓", "average-gain": "AG↑", "average-increase": "AI↑", "insertion": "I↑",
+           "deletion": "D↓"}
+PERCENT = {"insertion", "deletion"}  # areas in [0, 1], shown x100 as in Table 1
+
+
+def synthetic_setup(out: Path, seed: int, progress: bool) -> tuple[Path, Path]:
+    """Synthetic shapes (64 px), a tiny ResNet-18 (channels 16-128, output stride 16 so layer4
+    is 4x4) trained from scratch with GAP, then CA-Stream trained on it with everything frozen."""
+    from foveal.training.classification import train_classifier
+
+    data = make_synthetic_classes(out / "data", num_classes=4, train_per_class=40, val_per_class=8, size=64,
+                                  seed=seed)
+    common = {"data": str(data), "batch_size": 16, "image_size": 64, "crop_scale": (0.6, 1.0), "workers": 0,
+              "seed": seed, "progress": progress}
+    gap = train_classifier(out=str(out / "gap"), pooling="gap", model_name="resnet18",
+                           model_kwargs={"channels": [16, 32, 64, 128], "output_stride": 16}, epochs=8, lr=0.1,
+                           lr_step=6, **common)
+    ca = train_classifier(out=str(out / "ca"), pooling="ca-stream", init=str(gap["model_path"]), epochs=4, lr=0.1,
+                          lr_step=3, **common)
+    return data, ca["model_path"]
+
+
+def explainer(method: str, model: TimmClassifier, progress: bool):
+    """The CAM explainer on the backbone's last stage (the same layer for GAP and CA)."""
+    quiet = {} if progress or "progress" not in registry.info(method)["fields"] else {"progress": False}
+    return registry.build(method, target_layer=model.target_layer, **quiet)
+
+
+def evaluate(models: dict[str, TimmClassifier], loader, methods, steps: int, device, progress: bool) -> dict:
+    """Accuracy per pooling and mean metric per (method, pooling, metric)."""
+    metrics = {m: registry.build(m, **({"steps": steps} if m in PERCENT else {})) for m in METRICS}
+    explainers = {(meth, pool): explainer(meth, model, progress) for meth in methods for pool, model in models.items()}
+    correct = {pool: 0 for pool in models}
+    values = {meth: {pool: {m: [] for m in METRICS} for pool in models} for meth in methods}
+    n = 0
+    for images, labels in tqdm(loader, desc="table 1", disable=not progress):
+        images, labels = images.to(device), labels.to(device)
+        n += len(labels)
+        for pool, model in models.items():
+            with torch.no_grad():
+                correct[pool] += int((model(images).argmax(1) == labels).sum())
+            for meth in methods:
+                saliency = explainers[meth, pool].explain(model, images)
+                for name, metric in metrics.items():
+                    values[meth][pool][name].append(metric.compute(model, images, saliency).cpu())
+    scores = {
+        meth: {pool: {name: metrics[name].aggregate(torch.cat(v)) * (100 if name in PERCENT else 1)
+                      for name, v in per.items()} for pool, per in by_pool.items()}
+        for meth, by_pool in values.items()
+    }
+    return {"images": n, "accuracy": {pool: 100 * c / max(n, 1) for pool, c in correct.items()}, "scores": scores}
+
+
+def format_table(results: dict) -> str:
+    lines = ["| Pooling | Acc↑ |", "|---|---|"]
+    lines += [f"| {pool.upper()} | {acc:.2f} |" for pool, acc in results["accuracy"].items()]
+    lines += ["", "| Attribution | Pooling | " + " | ".join(COLUMNS.values()) + " |",
+              "|---|---|" + "---|" * len(COLUMNS)]
+    for meth, by_pool in results["scores"].items():
+        for pool, vals in by_pool.items():
+            lines.append(f"| {meth} | {pool.upper()} | " + " | ".join(f"{vals[m]:.2f}" for m in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def figure(models: dict[str, TimmClassifier], images: torch.Tensor, methods, min_size: int = 128) -> np.ndarray:
+    """Rows: images; columns: input, each method with GAP and CA, CA raw attention (Figure 2).
+    Images smaller than ``min_size`` are shown enlarged."""
+    cols, maps = ["input"], []
+    for meth in methods:
+        for pool, model in models.items():
+            cols.append(f"{meth} {pool.upper()}")
+            maps.append(explainer(meth, model, progress=False).explain(model, images))
+    cols.append("CA raw attention")
+    maps.append(registry.build("ca-attention").explain(models["ca"], images))
+    scale = max(1, -(-min_size // images.shape[-1]))
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+        maps = [torch.nn.functional.interpolate(m[:, None], scale_factor=scale, mode="bilinear")[:, 0] for m in maps]
+    rgb = to_uint8(images)
+    rows = [[rgb[i]] + [heatmap_overlay(rgb[i], m[i].cpu().numpy()) for m in maps] for i in range(len(rgb))]
+    return grid(rows, col_labels=cols)
+
+
+def run_table1(
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    ca: str | Path | None = None,
+    gap: str | Path | None = None,
+    synthetic: bool = False,
+    methods=METHODS,
+    limit: int | None = None,
+    batch_size: int = 16,
+    image_size: int = 224,
+    steps: int = 224,
+    figure_images: int = 4,
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    verbose: bool = True,
+) -> dict:
+    """Evaluate a CA-Stream checkpoint ``ca`` against ``gap`` (default: the same frozen network
+    with its own GAP) on the ``val`` split of the image-folder dataset ``data``, or, with
+    ``synthetic=True``, on a synthetic set with a tiny ResNet trained here first. Writes
+    ``OUT/table1.md``, ``OUT/table1.json`` and ``OUT/figure.png``; returns the results (with the
+    figure as ``results["figure"]``, a uint8 array, when one was drawn)."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(out=out, data=data, ca=ca, gap=gap, synthetic=synthetic, methods=list(methods),
+                           limit=limit, batch_size=batch_size, image_size=image_size, steps=steps,
+                           figure_images=figure_images, device=device, seed=seed, quiet=not progress)
+    if not synthetic and not (data and ca):
+        raise InputError("run_table1: give data and ca (and optionally gap), or synthetic=True")
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.quiet
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.time()
+    if args.synthetic:
+        data, ca_path = synthetic_setup(out, args.seed, progress)
+        image_size, gap_path = 64, None
+    else:
+        data, ca_path, gap_path, image_size = Path(args.data), args.ca, args.gap, args.image_size
+    ca = load(ca_path).to(device).eval()
+    if not isinstance(ca, TimmClassifier) or ca.pool is None:
+        raise InputError(f"ca: {ca_path} is not a ca-stream-classifier checkpoint")
+    gap = (load(gap_path) if gap_path else wrap_classifier(ca, pooling="gap")).to(device).eval()
+    models = {"gap": gap, "ca": ca}
+
+    dataset = ImageFolderDataset(split_folder(data, "val"), image_size=image_size)
+    if args.limit:
+        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+    results = evaluate(models, loader, args.methods, args.steps, device, progress)
+    results.update(seconds=round(time.time() - t0, 1), data=str(data), ca=str(ca_path),
+                   gap=str(gap_path) if gap_path else "CA model's network with GAP")
+    table = format_table(results)
+    (out / "table1.md").write_text(table + "\n")
+    (out / "table1.json").write_text(json.dumps(results, indent=2))
+    k = min(args.figure_images, len(dataset))
+    if k:
+        picks = np.linspace(0, len(dataset) - 1, k).round().astype(int)  # spread over the classes
+        images = torch.stack([dataset[int(i)][0] for i in picks]).to(device)
+        picture = figure(models, images, args.methods)
+        save_image(picture, out / "figure.png")
+    if verbose:
+        print(table)
+        print(f"\n{results['images']} images, {results['seconds']} s; wrote {out}/table1.md, table1.json, figure.png")
+    if k:
+        results["figure"] = picture
+    return results
+
+
