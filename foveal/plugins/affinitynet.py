@@ -1,0 +1,381 @@
+"""AffinityNet: learn inter-pixel affinities from explanation seeds, refine the seeds by a random walk.
+
+Ahn and Kwak, "Learning Pixel-level Semantic Affinity with Image-level Supervision" (CVPR 2018),
+driven by ViT explanation seeds as in ``vit-lrp-affinitynet.txt`` section 4.3 (Table 4). Details
+the text leaves open follow the authors' code (``jiwoon-ahn/psa``).
+
+Registered: ``affinitynet`` (refiner).
+
+* **Affinity head** (section 4.3, psa ``resnet38_aff.Net``): 1x1 convolutions (no bias, ELU) on
+  the last feature levels of a registered backbone, resized to the finest of them and
+  concatenated, then a 1x1 convolution + ELU giving ``f`` (B, D, h, w).
+* **Affinities** ``a_ij = exp(-mean_c |f_i - f_j|)`` (psa uses the mean over channels; the text
+  writes a norm) for every pair of feature positions at distance ``0 < d < radius`` (radius 5,
+  each unordered pair once: psa's ``search_dist``). psa only pairs positions away from the left,
+  right and bottom borders (an artifact of its fixed index grid); here every pair inside the map
+  counts.
+* **Affinity labels** from seeds ``M_c`` in [0, 1]: background ``(1 - max_c M_c)^alpha`` with
+  ``alpha_low = 4`` (the argmax is foreground only where the seeds are strong: confident
+  foreground) and ``alpha_high = 32`` (background only where seeds vanish: confident background);
+  label = class of the alpha_low argmax where it is foreground, background where the alpha_high
+  argmax is background, ignored (neutral) elsewhere. Scores are area-pooled to the feature grid
+  before the argmax (psa ``AvgPool2d(8)``). ``crf=True`` first refines both score sets with a
+  dense CRF (psa ``crf_inference`` parameters) -- needs the optional ``pydensecrf2`` package
+  (``pip install 'foveal[crf]'``); the default CRF-free path takes the argmax directly.
+* **Pair labels**: background-positive (both background), foreground-positive (same class),
+  negative (different labels); pairs touching a neutral position are ignored.
+* **Loss** (section 4.3): ``L_bg+/4 + L_fg+/4 + L-/2`` with ``L+ = -sum log(a + 1e-5) / (N + 1e-5)``
+  and ``L- = -sum log(1 + 1e-5 - a) / (N- + 1e-5)``, each averaged over its own count in the
+  batch (psa ``train_aff.py``).
+* **Random walk** (section 4.3, psa ``infer_aff.py``): ``A`` = affinities (1 on the diagonal)
+  to the power ``beta`` (8), column-normalised to ``T``; the seed scores ``[bg^walk_alpha,
+  M_1..M_K]`` area-pooled to the feature grid are propagated ``vec(M) T^t`` with ``t = 256``
+  (``walk="squaring"``: dense ``T`` raised by repeated squaring, as psa; ``walk="sparse"``: ``t``
+  products with the sparse ``T``, the same result without the dense ``n x n`` matrix), then
+  upsampled bilinearly. ``refine`` returns the scores divided by their sum over classes
+  (argmax unchanged).
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import lru_cache
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..core.config import ComponentConfig
+from ..core.errors import FovealError, InputError
+from ..core.modules import preserved_model_state
+from ..core.refiner import Refiner
+from ..core.tensors import check_images
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD, to_uint8
+from ..registry import hookimpl
+
+IGNORE = 255
+#: psa ``crf_inference``: iterations, Gaussian (sxy, compat), bilateral (sxy, srgb, compat)
+CRF_PARAMS = {"iterations": 10, "gaussian": (3, 3), "bilateral": (80, 13, 10)}
+
+
+# --- pairs within a radius ----------------------------------------------------------------------
+
+@lru_cache(maxsize=16)
+def pair_offsets(radius: int) -> tuple[tuple[int, int], ...]:
+    """Offsets (dy, dx) to the partners of a position at distance ``0 < d < radius``, each
+    unordered pair once (psa ``search_dist``): (0, 1..r-1), then dy = 1..r-1 for every dx."""
+    r = int(radius)
+    if r < 2:
+        raise InputError(f"radius must be at least 2, got {radius}")
+    out = [(0, dx) for dx in range(1, r)]
+    out += [(dy, dx) for dy in range(1, r) for dx in range(-r + 1, r) if dx * dx + dy * dy < r * r]
+    return tuple(out)
+
+
+def _partners(x: torch.Tensor, radius: int, fill: float) -> list[torch.Tensor]:
+    """For every offset (dy, dx): ``out[..., y, x] = x[..., y + dy, x + dx]``, ``fill`` outside."""
+    r = radius - 1
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (r, r, 0, r), value=fill)
+    return [padded[..., dy : dy + h, r + dx : r + dx + w] for dy, dx in pair_offsets(radius)]
+
+
+@lru_cache(maxsize=16)
+def _valid(size: tuple[int, int], radius: int) -> torch.Tensor:
+    ones = torch.ones(1, *size)
+    return torch.cat(_partners(ones, radius, 0.0)).bool()
+
+
+def pair_valid(size: tuple[int, int], radius: int, device=None) -> torch.Tensor:
+    """(P, h, w) bool: the partner ``(y + dy, x + dx)`` of offset p lies inside the map."""
+    return _valid(tuple(int(s) for s in size), int(radius)).to(device)
+
+
+def pair_affinities(features: torch.Tensor, radius: int) -> torch.Tensor:
+    """``a = exp(-mean_c |f(y, x) - f(y + dy, x + dx)|)`` for every offset: (B, P, h, w); pairs
+    leaving the map are 0 (see :func:`pair_valid`)."""
+    if features.dim() != 4:
+        raise InputError(f"features: expected (B, D, h, w), got shape {tuple(features.shape)}")
+    dist = torch.stack([(features - other).abs().mean(1) for other in _partners(features, radius, 0.0)], 1)
+    valid = pair_valid(features.shape[-2:], radius, features.device)
+    return torch.exp(-dist) * valid
+
+
+def pair_labels(labels: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Background-positive, foreground-positive and negative pair labels (B, P, h, w) float from
+    a label map (B, h, w) (0 = background, c + 1 = class c, :data:`IGNORE` = neutral)."""
+    other = torch.stack(_partners(labels, radius, IGNORE), 1)
+    labels = labels[:, None]
+    valid = (labels != IGNORE) & (other != IGNORE)
+    same = (labels == other) & valid
+    return (same & (labels == 0)).float(), (same & (labels != 0)).float(), (~same & valid).float()
+
+
+def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """``L_bg+/4 + L_fg+/4 + L-/2``, each term averaged over its own pair count (psa)."""
+    counts = [t.sum() + 1e-5 for t in (bg_pos, fg_pos, neg)]
+    bg = (-bg_pos * torch.log(aff + 1e-5)).sum() / counts[0]
+    fg = (-fg_pos * torch.log(aff + 1e-5)).sum() / counts[1]
+    ng = (-neg * torch.log(1 + 1e-5 - aff)).sum() / counts[2]
+    loss = bg / 4 + fg / 4 + ng / 2
+    parts = {"bg_loss": float(bg.detach()), "fg_loss": float(fg.detach()), "neg_loss": float(ng.detach()),
+             "bg_count": float(counts[0]), "fg_count": float(counts[1]), "neg_count": float(counts[2])}
+    return loss, parts
+
+
+# --- labels from seeds ----------------------------------------------------------------------------
+
+def background_scores(seeds: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``[(1 - max_c M_c)^alpha, M_1, ..., M_K]``: (B, K + 1, H, W)."""
+    bg = (1 - seeds.amax(1, keepdim=True)).clamp(min=0) ** alpha
+    return torch.cat([bg, seeds], 1)
+
+
+def dense_crf(image: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Dense-CRF marginals (C, H, W) of ``scores`` (C, H, W) on a uint8 RGB image (H, W, 3), with
+    the psa parameters :data:`CRF_PARAMS`. Needs the optional ``pydensecrf2`` package."""
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError as e:
+        raise FovealError(
+            "affinitynet: crf=True needs the optional dense-CRF package pydensecrf2 (import name "
+            "pydensecrf): pip install 'foveal[crf]' or pip install pydensecrf2. Without it use crf=False, "
+            "the CRF-free default: confident regions are the argmax of the alpha-adjusted seeds."
+        ) from e
+    c, h, w = scores.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(scores.astype(np.float32))))
+    sxy, compat = CRF_PARAMS["gaussian"]
+    d.addPairwiseGaussian(sxy=sxy, compat=compat)
+    sxy, srgb, compat = CRF_PARAMS["bilateral"]
+    d.addPairwiseBilateral(sxy=sxy, srgb=srgb, rgbim=np.ascontiguousarray(image), compat=compat)
+    return np.asarray(d.inference(CRF_PARAMS["iterations"]), dtype=np.float32).reshape(c, h, w)
+
+
+def affinity_label_map(
+    seeds: torch.Tensor, size: tuple[int, int], *, alpha_low: float = 4, alpha_high: float = 32,
+    crf: bool = False, images: np.ndarray | None = None,
+) -> torch.Tensor:
+    """Label map (B, h, w) int64 at the feature grid ``size`` from seeds (B, K, H, W) in [0, 1]:
+    foreground class + 1 where the ``alpha_low`` argmax is foreground, 0 where the ``alpha_high``
+    argmax is background, :data:`IGNORE` elsewhere and where no score is positive. ``crf`` needs
+    ``images`` (B, H, W, 3) uint8."""
+    maps = []
+    for alpha in (alpha_low, alpha_high):
+        scores = background_scores(seeds, alpha)
+        if crf:
+            if images is None:
+                raise InputError("affinity_label_map: crf=True needs the uint8 images")
+            scores = torch.stack([torch.from_numpy(dense_crf(im, s.detach().cpu().double().numpy()))
+                                  for im, s in zip(images, scores)]).to(seeds)
+        maps.append(F.interpolate(scores, size=size, mode="area"))
+    low, high = maps
+    label = low.argmax(1)
+    label[label == 0] = IGNORE
+    label[high.argmax(1) == 0] = 0
+    label[low.amax(1) < 1e-5] = IGNORE
+    return label
+
+
+# --- random walk -----------------------------------------------------------------------------------
+
+@lru_cache(maxsize=8)
+def _pair_index(h: int, w: int, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat indices (from, to) of the valid pairs and their position in the (P, h, w) layout."""
+    valid = pair_valid((h, w), radius)
+    p, y, x = valid.nonzero(as_tuple=True)
+    offsets = torch.tensor(pair_offsets(radius))
+    src = y * w + x
+    dst = (y + offsets[p, 0]) * w + (x + offsets[p, 1])
+    flat = (p * h + y) * w + x
+    return src, dst, flat
+
+
+def transition_pairs(aff: torch.Tensor, beta: float, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse ``T = A^beta / column sums`` of one image's affinities (P, h, w): (rows, cols, values),
+    with both directions of every pair and the diagonal (affinity 1)."""
+    h, w = aff.shape[-2:]
+    src, dst, flat = (t.to(aff.device) for t in _pair_index(h, w, radius))
+    a = aff.reshape(-1)[flat] ** beta
+    n = h * w
+    diag = torch.arange(n, device=aff.device)
+    rows = torch.cat([src, dst, diag])
+    cols = torch.cat([dst, src, diag])
+    vals = torch.cat([a, a, torch.ones(n, dtype=aff.dtype, device=aff.device)])
+    colsum = torch.zeros(n, dtype=aff.dtype, device=aff.device).index_add_(0, cols, vals)
+    return rows, cols, vals / colsum[cols]
+
+
+def random_walk(aff: torch.Tensor, scores: torch.Tensor, *, beta: float = 8, steps: int = 256,
+                radius: int = 5, method: Literal["squaring", "sparse"] = "squaring") -> torch.Tensor:
+    """``vec(scores) T^steps`` per image: affinities (B, P, h, w), scores (B, C, h, w) -> (B, C, h, w)."""
+    b, c, h, w = scores.shape
+    n = h * w
+    out = []
+    for i in range(b):
+        rows, cols, vals = transition_pairs(aff[i], beta, radius)
+        vec = scores[i].reshape(c, n)
+        if method == "squaring":
+            t = torch.zeros(n, n, dtype=aff.dtype, device=aff.device)
+            t[rows, cols] = vals
+            out.append(vec @ torch.linalg.matrix_power(t, steps))
+        elif method == "sparse":
+            tt = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (n, n), check_invariants=True).coalesce()
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"; CSR products are 2-3x faster
+                warnings.simplefilter("ignore", UserWarning)
+                tt = tt.to_sparse_csr()
+            v = vec.T.contiguous()
+            for _ in range(steps):
+                v = tt @ v
+            out.append(v.T)
+        else:
+            raise InputError(f"random walk method must be 'squaring' or 'sparse', got {method!r}")
+    return torch.stack(out).reshape(b, c, h, w)
+
+
+# --- the refiner -----------------------------------------------------------------------------------
+
+def check_seeds(seeds: Any, images: torch.Tensor) -> torch.Tensor:
+    """Seeds (B, K, H, W) (or (B, H, W) for one class) in [0, 1] matching the images."""
+    if not isinstance(seeds, torch.Tensor):
+        raise InputError(f"seeds: expected a torch.Tensor, got {type(seeds).__name__}")
+    if seeds.dim() == 3:
+        seeds = seeds[:, None]
+    b, _, h, w = images.shape
+    if seeds.dim() != 4 or seeds.shape[0] != b or tuple(seeds.shape[-2:]) != (h, w):
+        raise InputError(f"seeds: expected (B={b}, K, {h}, {w}) maps matching the images, got {tuple(seeds.shape)}")
+    if not seeds.is_floating_point() or not bool(torch.isfinite(seeds).all()):
+        raise InputError("seeds: expected finite floating-point maps")
+    if float(seeds.min()) < -1e-6 or float(seeds.max()) > 1 + 1e-6:
+        raise InputError(f"seeds: expected values in [0, 1], got [{float(seeds.min()):.3g}, {float(seeds.max()):.3g}]")
+    return seeds.clamp(0, 1).to(images.dtype)
+
+
+class AffinityNet(Refiner):
+    """AffinityNet (Ahn & Kwak, CVPR 2018; vit-lrp-affinitynet.txt section 4.3, Table 4): an
+    affinity head on backbone features trained from seed-derived pair labels, and a random walk
+    that propagates the seeds along the learned affinities. ``forward(images)`` returns pair
+    affinities (B, P, h, w) (:func:`pair_offsets` order); :meth:`refine` the refined class
+    probabilities (B, K + 1, H, W), channel 0 background. See the module docstring."""
+
+    class Config(ComponentConfig):
+        backbone: str = Field("timm-backbone", description="Registered backbone giving multi-scale features.")
+        backbone_options: dict[str, Any] = Field(
+            default_factory=lambda: {"model_name": "resnet50"},
+            description="Backbone config, e.g. {'model_name': 'resnet50'} for timm-backbone.")
+        backbone_weights: str | None = Field(None, description="Local weights file for the backbone.")
+        levels: list[int] = Field([-3, -2, -1], min_length=1, description="Backbone feature levels used (psa: "
+                                  "conv4, conv5, conv6); resized to the finest of them.")
+        level_channels: list[int] = Field([64, 128, 256], min_length=1,
+                                          description="Output channels of the 1x1 conv on each level (psa 64/128/256).")
+        feature_dim: int = Field(448, gt=0, description="Channels D of the affinity features f (psa 448).")
+        radius: int = Field(5, ge=2, description="Pairs at distance 0 < d < radius are related (paper: 5).")
+        alpha_low: float = Field(4.0, gt=0, description="Background power giving confident foreground.")
+        alpha_high: float = Field(32.0, gt=0, description="Background power giving confident background.")
+        crf: bool = Field(False, description="Refine the label scores with a dense CRF (needs pydensecrf2).")
+        beta: float = Field(8.0, gt=0, description="Affinities are raised to beta in the transition matrix.")
+        steps: int = Field(256, ge=1, description="Random-walk steps t (psa: 2^8 by squaring).")
+        walk: Literal["squaring", "sparse"] = Field(
+            "squaring", description="squaring: dense T^t by repeated squaring (psa); sparse: t sparse products.")
+        walk_alpha: float = Field(16.0, gt=0, description="Background power of the random-walk input (psa default 16).")
+        mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Image normalisation mean (for the CRF).")
+        std: tuple[float, float, float] = Field(IMAGENET_STD, description="Image normalisation std (for the CRF).")
+
+        @model_validator(mode="after")
+        def _levels_match(self):
+            if len(self.levels) != len(self.level_channels):
+                raise ValueError(f"levels {self.levels} and level_channels {self.level_channels} differ in length")
+            return self
+
+    def __init__(self, config=None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        from .. import registry
+
+        cfg = self.config
+        options = dict(cfg.backbone_options)
+        if cfg.backbone_weights:
+            options["weights"] = cfg.backbone_weights
+        self.backbone = registry.build(cfg.backbone, **options)
+        if getattr(self.backbone, "kind", None) != "backbone":
+            raise InputError(f"affinitynet: {cfg.backbone!r} is not a backbone")
+        channels = list(self.backbone.channels)
+        try:
+            in_channels = [channels[i] for i in cfg.levels]
+        except IndexError as e:
+            raise InputError(
+                f"affinitynet: levels {cfg.levels} out of range for {len(channels)} backbone levels"
+            ) from e
+        self.reduce = nn.ModuleList(nn.Conv2d(c, o, 1, bias=False) for c, o in zip(in_channels, cfg.level_channels))
+        self.fuse = nn.Conv2d(sum(cfg.level_channels), cfg.feature_dim, 1, bias=False)
+        for conv in self.reduce:  # psa initialisation of the new layers
+            nn.init.kaiming_normal_(conv.weight)
+        nn.init.xavier_uniform_(self.fuse.weight, gain=4)
+
+    @property
+    def stride(self) -> int:
+        """Downsampling of the affinity features relative to the input."""
+        strides = list(self.backbone.strides)
+        return min(strides[i] for i in self.config.levels)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the layers trained from scratch (psa gives them 10x the learning rate)."""
+        return [*self.reduce.parameters(), *self.fuse.parameters()]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Affinity features f (B, D, h, w)."""
+        check_images(images)
+        feats = self.backbone(images)
+        picked = [feats[i] for i in self.config.levels]
+        size = max((f.shape[-2:] for f in picked), key=lambda s: s[0] * s[1])
+        maps = []
+        for conv, f in zip(self.reduce, picked):
+            f = F.elu(conv(f))
+            if f.shape[-2:] != size:
+                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            maps.append(f)
+        return F.elu(self.fuse(torch.cat(maps, 1)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return pair_affinities(self.features(images), self.config.radius)
+
+    def feature_size(self, images: torch.Tensor) -> tuple[int, int]:
+        with torch.no_grad(), preserved_model_state(self):
+            return tuple(self.features(images[:1]).shape[-2:])
+
+    def label_map(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Affinity label map (B, h, w) of :func:`affinity_label_map` on this net's feature grid."""
+        cfg = self.config
+        seeds = check_seeds(seeds, check_images(images))
+        rgb = to_uint8(images, cfg.mean, cfg.std) if cfg.crf else None
+        return affinity_label_map(seeds, self.feature_size(images), alpha_low=cfg.alpha_low,
+                                  alpha_high=cfg.alpha_high, crf=cfg.crf, images=rgb)
+
+    def loss(self, images: torch.Tensor, label_map: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss on a batch and its label maps (B, h, w) (see :func:`affinity_loss`)."""
+        aff = self(images)
+        if tuple(label_map.shape) != (aff.shape[0], *aff.shape[-2:]):
+            expected = (aff.shape[0], *aff.shape[-2:])
+            raise InputError(f"label_map: expected shape {expected}, got {tuple(label_map.shape)}")
+        return affinity_loss(aff, *pair_labels(label_map.to(aff.device), self.config.radius))
+
+    @torch.no_grad()
+    def refine(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        seeds = check_seeds(seeds, check_images(images))
+        with preserved_model_state(self):
+            aff = self(images)
+        scores = F.interpolate(background_scores(seeds, cfg.walk_alpha), size=aff.shape[-2:], mode="area")
+        walked = random_walk(aff, scores.to(aff.dtype), beta=cfg.beta, steps=cfg.steps, radius=cfg.radius,
+                             method=cfg.walk)
+        walked = F.interpolate(walked, size=images.shape[-2:], mode="bilinear", align_corners=False).clamp(min=0)
+        return walked / walked.sum(1, keepdim=True).clamp(min=1e-12)
+
+
+@hookimpl
+def register_components(register):
+    register("affinitynet", AffinityNet, aliases=("affinity-net", "psa"))
