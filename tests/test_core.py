@@ -46,6 +46,8 @@ def test_normalize_maps_range_and_constant_maps():
     assert torch.equal(out[0], torch.zeros(4, 4)) and torch.equal(out[1], torch.zeros(4, 4))
     assert out[2].min() == 0 and out[2].max() == 1
     torch.testing.assert_close(out[2], maps[2] / 15)
+    noisy = torch.ones(1, 4, 4) + 1e-7 * torch.randn(1, 4, 4)  # float noise on a constant map
+    assert torch.equal(normalize_maps(noisy), torch.zeros(1, 4, 4))
 
 
 def test_target_scores_forms():

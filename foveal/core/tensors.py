@@ -82,16 +82,19 @@ def check_masks(masks: object, *, name: str = "masks") -> torch.Tensor:
     return masks
 
 
-def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def normalize_maps(maps: torch.Tensor, eps: float = 1e-12, rtol: float = 1e-5) -> torch.Tensor:
     """Per-sample min-max normalisation of (B, ...) maps to [0, 1].
 
-    A constant map (including an all-zero map) becomes all zeros, never NaN.
+    A constant map becomes all zeros, never NaN. "Constant" means a spread of at most
+    ``eps + rtol * max|map|``: float noise on a constant map (e.g. 1e-7 wiggles on a map of ones)
+    is not stretched into a 0/1 pattern.
     """
     flat = maps.flatten(1)
     lo = flat.min(dim=1, keepdim=True).values
     hi = flat.max(dim=1, keepdim=True).values
     span = hi - lo
-    out = torch.where(span > eps, (flat - lo) / span.clamp_min(eps), torch.zeros_like(flat))
+    tol = eps + rtol * flat.abs().max(dim=1, keepdim=True).values
+    out = torch.where(span > tol, (flat - lo) / span.clamp_min(eps), torch.zeros_like(flat))
     return out.view_as(maps)
 
 
