@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..core.backbone import build_backbone
 from ..core.config import ComponentConfig
 from ..core.errors import FovealError, InputError
 from ..core.modules import preserved_model_state
@@ -294,15 +295,8 @@ class AffinityNet(Refiner):
 
     def __init__(self, config=None, **overrides) -> None:
         super().__init__(config, **overrides)
-        from .. import registry
-
         cfg = self.config
-        options = dict(cfg.backbone_options)
-        if cfg.backbone_weights:
-            options["weights"] = cfg.backbone_weights
-        self.backbone = registry.build(cfg.backbone, **options)
-        if getattr(self.backbone, "kind", None) != "backbone":
-            raise InputError(f"affinitynet: {cfg.backbone!r} is not a backbone")
+        self.backbone = build_backbone(cfg.backbone, cfg.backbone_options, cfg.backbone_weights, owner="affinitynet")
         channels = list(self.backbone.channels)
         try:
             in_channels = [channels[i] for i in cfg.levels]

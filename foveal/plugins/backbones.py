@@ -16,7 +16,26 @@ from ..core.tensors import check_images
 from ..registry import hookimpl
 
 
-class TimmBackbone(Backbone):
+class TimmFeatures(Backbone):
+    """Shared part of the backbones that wrap a timm ``features_only`` model in ``self.body``:
+    channels and strides from timm's ``feature_info``, and the checked forward."""
+
+    input_channels: int | None = None  # None: any number of input channels
+
+    @property
+    def channels(self) -> list[int]:
+        return list(self.body.feature_info.channels())
+
+    @property
+    def strides(self) -> list[int]:
+        return list(self.body.feature_info.reduction())
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        check_images(images, channels=self.input_channels)
+        return list(self.body(images))
+
+
+class TimmBackbone(TimmFeatures):
     """Any timm model that supports ``features_only`` (ResNet, ConvNeXt, EfficientNet, ...),
     so decoders and poolings work on other encoders too. Weights never download: pass a local
     ``weights`` file (timm ``.safetensors``/``.pth`` of the classifier; its classifier head keys,
@@ -55,17 +74,6 @@ class TimmBackbone(Backbone):
         state = {k: v for k, v in state.items() if k in own or not _unused_stage(k, own)}
         load_weights(self.body, state, source=str(path))
 
-    @property
-    def channels(self) -> list[int]:
-        return list(self.body.feature_info.channels())
-
-    @property
-    def strides(self) -> list[int]:
-        return list(self.body.feature_info.reduction())
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        check_images(images, channels=None)
-        return list(self.body(images))
 
 
 def _unused_stage(key: str, own: dict) -> bool:
@@ -80,7 +88,7 @@ def _unused_stage(key: str, own: dict) -> bool:
 PVT_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
 
 
-class PVTv2Backbone(Backbone):
+class PVTv2Backbone(TimmFeatures):
     """Pyramid Vision Transformer v2 (Wang et al., "PVT v2: Improved Baselines with Pyramid
     Vision Transformer", CVM 2022), the encoder of Polyp-PVT and RTA-Former (rta-former.txt,
     section II.B): overlapping convolutional patch embeddings, spatial-reduction attention and
@@ -92,6 +100,8 @@ class PVTv2Backbone(Backbone):
     a timm classifier checkpoint (``stages.N``, ``.safetensors`` or ``.pth``) or this backbone's
     own state dict; keys are mapped to timm's feature model, the classifier ``head`` is dropped,
     and any other missing or unexpected key raises :class:`CheckpointError` listing them."""
+
+    input_channels = 3
 
     class Config(ComponentConfig):
         variant: Literal["b0", "b1", "b2", "b3", "b4", "b5"] = Field("b2", description="PVTv2 size (B0-B5).")
@@ -116,13 +126,6 @@ class PVTv2Backbone(Backbone):
         state = map_pvt_keys(read_state_dict(path))
         load_weights(self.body, state, source=str(path))
 
-    @property
-    def channels(self) -> list[int]:
-        return list(self.body.feature_info.channels())
-
-    @property
-    def strides(self) -> list[int]:
-        return list(self.body.feature_info.reduction())
 
     def stage(self, index: int) -> torch.nn.Module:
         """The timm ``PyramidVisionTransformerStage`` producing feature level ``index`` (0-3)."""
@@ -140,9 +143,6 @@ class PVTv2Backbone(Backbone):
             "mlp_ratio": blocks[0].mlp.fc1.out_features / blocks[0].mlp.fc1.in_features,
         }
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        check_images(images)
-        return list(self.body(images))
 
 
 def map_pvt_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..core.backbone import build_backbone
 from ..core.config import ComponentConfig
 from ..core.decoder import Decoder
 from ..core.errors import InputError
@@ -299,15 +300,8 @@ class RTAFormer(Model):
 
     def __init__(self, config=None, **overrides) -> None:
         super().__init__(config, **overrides)
-        from .. import registry
-
         cfg = self.config
-        options = dict(cfg.backbone_options)
-        if cfg.backbone_weights:
-            options["weights"] = cfg.backbone_weights
-        self.backbone = registry.build(cfg.backbone, **options)
-        if getattr(self.backbone, "kind", None) != "backbone":
-            raise InputError(f"rta-former: {cfg.backbone!r} is a {self.backbone.kind}, expected a backbone")
+        self.backbone = build_backbone(cfg.backbone, cfg.backbone_options, cfg.backbone_weights, owner="rta-former")
         channels = list(self.backbone.channels)
         stage_kwargs: dict[str, Any] = {}
         if hasattr(self.backbone, "stage_settings"):
