@@ -23,34 +23,28 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def read_rgb(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read an image as uint8 RGB (H, W, 3), optionally resized to ``size`` = (H, W) (bilinear)."""
+def _read(path: str | os.PathLike, mode: str, size: tuple[int, int] | None, resample: int, what: str) -> np.ndarray:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"image not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = im.convert(mode)
             if size is not None:
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
+                im = im.resize((size[1], size[0]), resample)
             return np.asarray(im, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"cannot read image {path}: {e}") from e
+        raise InputError(f"cannot read {what} {path}: {e}") from e
+
+
+def read_rgb(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image as uint8 RGB (H, W, 3), optionally resized to ``size`` = (H, W) (bilinear)."""
+    return _read(path, "RGB", size, Image.BILINEAR, "image")
 
 
 def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a mask as bool (H, W): pixels > 127 of the grey-level image (nearest resize)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"mask not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L")
-            if size is not None:
-                im = im.resize((size[1], size[0]), Image.NEAREST)
-            return np.asarray(im) > 127
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"cannot read mask {path}: {e}") from e
+    return _read(path, "L", size, Image.NEAREST, "mask") > 127
 
 
 def to_tensor(rgb: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

@@ -256,15 +256,11 @@ class _Identity(torch.autograd.Function):
         return g, None, None, None
 
 
-class _Select(torch.autograd.Function):
+class _Select(_Identity):
     """Index selection ``y = x[index]`` (the class-token pooling): z-rule, i.e. the relevance
-    times ``y / (y + eps)`` scattered back (the authors' ``IndexSelect`` relprop)."""
+    times ``y / (y + eps)`` scattered back (the authors' ``IndexSelect`` relprop). Same forward as
+    :class:`_Identity`; only the relevance rule differs."""
 
-    @staticmethod
-    def forward(ctx, x, fn, state, node):
-        ctx.save_for_backward(x)
-        ctx.fn, ctx.state, ctx.node = fn, state, node
-        return fn(x)
 
     @staticmethod
     def backward(ctx, r):
