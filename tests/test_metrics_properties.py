@@ -86,6 +86,7 @@ def images_and_maps(seed: int, b: int, h: int, w: int, levels: int | None = None
 shapes = st.tuples(st.integers(0, 2**31 - 1), st.integers(1, 4), st.integers(6, 12), st.integers(6, 12))
 MODEL = TinyCNN()
 
+PERCENT_SCALE = {"average-drop", "average-increase", "average-gain", "percentage-in"}
 EXPLANATION = {
     "average-drop": {}, "average-increase": {}, "average-gain": {},
     "insertion": {"steps": 7}, "deletion": {"steps": 7}, "percentage-in": {"fraction": 0.3},
@@ -273,8 +274,11 @@ def test_batch_size_and_permutation_invariance(params):
         m = build(name, **kw, batch_size=3)
         full = m(MODEL, x, s)
         one = torch.cat([m(MODEL, x[i : i + 1], s[i : i + 1]) for i in range(b)])
-        torch.testing.assert_close(full, one, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
-        torch.testing.assert_close(m(MODEL, x[perm], s[perm]), full[perm], rtol=1e-5, atol=1e-5, equal_nan=True)
+        # float32 forwards differ by ~1e-7 between batch sizes; percent-scale metrics (x100 of a
+        # ratio of probabilities) carry that noise amplified, so their tolerance is x100.
+        tol = 1e-3 if name in PERCENT_SCALE else 1e-5
+        torch.testing.assert_close(full, one, rtol=1e-5, atol=tol, equal_nan=True, msg=name)
+        torch.testing.assert_close(m(MODEL, x[perm], s[perm]), full[perm], rtol=1e-5, atol=tol, equal_nan=True)
     for name in ("pointing-game", "saliency-segmentation", "mean-dice", "dice"):
         m = registry.build(name)
         sal = s if name != "dice" else s > 0.5
