@@ -16,6 +16,7 @@ from foveal.core import (
     resolve_layer,
     target_scores,
 )
+from foveal.core.modules import _all_modules
 
 
 def test_check_images_messages():
@@ -83,6 +84,11 @@ def test_resolve_layer_close_matches():
         resolve_layer(model, "layer_4")
     with pytest.raises(InputError, match="not a sub-module"):
         resolve_layer(model, nn.ReLU())
+    nested = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    assert resolve_layer(nested, "0.1") is nested[0][1] and resolve_layer(nested, "") is nested
+    for bad in ("0.0.weight", "0.", "0.5"):  # a parameter, an empty part, an index past the end
+        with pytest.raises(InputError, match="no module named"):
+            resolve_layer(nested, bad)
 
 
 def test_preserved_model_state_restores_on_exception():
@@ -102,3 +108,25 @@ def test_preserved_model_state_restores_on_exception():
     assert not model[0]._forward_hooks
     assert model[0].weight.requires_grad and not model[0].bias.requires_grad
     assert model[0].weight.grad is grad_before
+
+
+def test_preserved_model_state_mixed_modes_shared_and_missing_modules():
+    """Modes are restored module by module (a model in eval with one module in train, a module
+    switched inside), shared modules count once, ``None`` children are skipped."""
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(shared, nn.Dropout(0.5), nn.BatchNorm1d(2))
+    model.add_module("again", shared)
+    model.register_module("missing", None)
+    model.eval()
+    model[1].train()
+    assert {id(m) for m in _all_modules(model)} == {id(m) for m in model.modules()}
+    assert len(_all_modules(model)) == len(list(model.modules())) == 4
+    with preserved_model_state(model):
+        assert not any(m.training for m in model.modules())
+        model[2].train()  # code inside flips a module: restored on exit
+        shared.weight.requires_grad_(False)
+    assert [model[i].training for i in range(3)] == [False, True, False]
+    assert shared.weight.requires_grad
+    with preserved_model_state(model, eval_mode=False):
+        assert model[1].training
+    assert model[1].training and not model.training

@@ -23,10 +23,13 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
         return layer
     if not isinstance(layer, str):
         raise InputError(f"layer: expected a dotted module name or nn.Module, got {type(layer).__name__}")
-    named = dict(model.named_modules())
-    if layer in named:
-        return named[layer]
-    names = [n for n in named if n]
+    try:
+        found = model.get_submodule(layer) if layer else model  # attribute walk: no full traversal
+    except AttributeError:
+        found = None
+    if isinstance(found, nn.Module):
+        return found
+    names = [n for n, _ in model.named_modules() if n]
     close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
     if not close:
         close = [n for n in names if layer.split(".")[-1] in n][:5]
@@ -37,6 +40,19 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
     )
 
 
+def _all_modules(model: nn.Module) -> list[nn.Module]:
+    """Every sub-module once (like ``model.modules()``, in another order), without building the
+    dotted names ``named_modules`` creates: it runs on every explain, where it is measurable."""
+    out = [model]
+    seen = {id(model)}
+    for module in out:  # breadth first; the list grows while it is walked
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
+    return out
+
+
 @contextmanager
 def preserved_model_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[list]:
     """Run code on ``model`` and put everything back afterwards, even on exceptions.
@@ -45,21 +61,27 @@ def preserved_model_state(model: nn.Module, *, eval_mode: bool = True) -> Iterat
     removed on exit. Restored on exit: every module's train/eval flag, every parameter's
     ``requires_grad`` and ``.grad`` (so no gradient written inside leaks out).
     """
-    modes = [(m, m.training) for m in model.modules()]
-    params = list(model.parameters())
+    modules = _all_modules(model)
+    modes = [m.training for m in modules]
+    params = [p for m in modules for p in m._parameters.values() if p is not None]  # one traversal
     requires = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     handles: list = []
     try:
-        if eval_mode:
+        if eval_mode and any(modes):  # Module.__setattr__ is slow: skip models already in eval
             model.eval()
         yield handles
     finally:
         for h in handles:
             h.remove()
         handles.clear()
-        for m, training in modes:
-            m.training = training
+        # restore only what changed (per-attribute writes cost microseconds each; an explain on a
+        # GPU is otherwise bounded by this bookkeeping rather than by the forward)
+        for m, training in zip(modules, modes):
+            if m.training != training:
+                m.training = training
         for p, r, g in zip(params, requires, grads):
-            p.requires_grad_(r)
-            p.grad = g
+            if p.requires_grad != r:
+                p.requires_grad_(r)
+            if p.grad is not g:
+                p.grad = g

@@ -90,11 +90,10 @@ def normalize_maps(maps: torch.Tensor, eps: float = 1e-12, rtol: float = 1e-5) -
     is not stretched into a 0/1 pattern.
     """
     flat = maps.flatten(1)
-    lo = flat.min(dim=1, keepdim=True).values
-    hi = flat.max(dim=1, keepdim=True).values
+    lo, hi = torch.aminmax(flat, dim=1, keepdim=True)  # one pass; max|map| = max(|lo|, |hi|)
     span = hi - lo
-    tol = eps + rtol * flat.abs().max(dim=1, keepdim=True).values
-    out = torch.where(span > tol, (flat - lo) / span.clamp_min(eps), torch.zeros_like(flat))
+    tol = eps + rtol * torch.maximum(lo.abs(), hi.abs())
+    out = torch.where(span > tol, (flat - lo) / span.clamp_min(eps), 0.0)
     return out.view_as(maps)
 
 

@@ -76,9 +76,9 @@ class _CAM(Explainer):
         otherwise min-max-stretch the noise into a full-range pattern)."""
         self.check_input(model, images)
         raw = self.compute(model, images, targets, hooks)
-        flat = raw.detach().flatten(1)
-        constant = (flat.amax(1) - flat.amin(1)) <= 1e-5 * flat.abs().amax(1)
-        return torch.where(constant[:, None, None], torch.zeros_like(raw), raw)
+        lo, hi = torch.aminmax(raw.detach().flatten(1), dim=1)
+        constant = (hi - lo) <= 1e-5 * torch.maximum(lo.abs(), hi.abs())
+        return torch.where(constant[:, None, None], 0.0, raw)
 
     def compute(
         self, model: nn.Module, images: torch.Tensor, targets: Targets, hooks: list
