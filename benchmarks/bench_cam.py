@@ -8,16 +8,20 @@ Target: <= 1.15x. Score-CAM (batch 1): ratio to C = 2048 masked forwards at the 
 than both peers. Every method explains the top class.
 Timings are the best of ``--repeats`` runs (``--score-repeats`` for Score-CAM). On a shared
 machine the load drifts, so each gradient method's runs are interleaved with runs of the
-baseline and its ratio uses those paired baseline runs; the Score-CAM baseline is measured
-before and after the three Score-CAM runs (best of both).
+baseline and its ratio uses those paired baseline runs. The four Score-CAM runs (baseline,
+foveal, pytorch-grad-cam, torchcam) are interleaved in rounds, the order rotated each round;
+the table gives the best and the median of each. ``--clock cpu`` times process CPU time
+instead of wall-clock time (steadier on a shared CPU machine; CPU only).
 
     python benchmarks/bench_cam.py [--repeats 3] [--score-repeats 1] [--skip-score] [--skip-grad]
                                    [--score-size 224] [--device cuda] [--threads N] [--size 224]
+                                   [--batch-sizes 16 32 64] [--clock wall|cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import warnings
 
@@ -29,14 +33,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn, device, repeats):
     best, out = float("inf"), None
     for _ in range(repeats):
         sync(device)
-        t = time.perf_counter()
+        t = CLOCK()
         out = fn()
         sync(device)
-        best = min(best, time.perf_counter() - t)
+        best = min(best, CLOCK() - t)
     return best, out
 
 
@@ -52,7 +59,11 @@ def main() -> None:
     ap.add_argument("--skip-grad", action="store_true", help="only Score-CAM")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall-clock time, or process CPU time (CPU device only)")
     args, _ = ap.parse_known_args()  # run_all.py passes every flag to every script
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -71,7 +82,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = timm.create_model("resnet50", num_classes=1000).to(device).eval()
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    print(f"timm resnet50 (random init), {args.size}x{args.size}, device {device}, threads {torch.get_num_threads()}")
+    if args.clock == "cpu" and device.type != "cpu":
+        ap.error("--clock cpu measures host CPU time: use it with --device cpu")
+    print(f"timm resnet50 (random init), {args.size}x{args.size}, device {device}, "
+          f"threads {torch.get_num_threads()}, {args.clock} clock")
 
     def bare_forward():
         with torch.enable_grad():
@@ -87,7 +101,7 @@ def main() -> None:
 
     timed(bare_forward, device, 1)  # warm-up
     base, _ = timed(bare_forward, device, args.repeats)
-    rows = [("forward with grad (baseline)", f"batch {args.batch}", base, 1.0, "")]
+    rows = [("forward with grad (baseline)", f"batch {args.batch}", base, 1.0, "", None, None)]
 
     def pgc(cls, inp):
         def run():
@@ -116,9 +130,9 @@ def main() -> None:
         p, b1 = paired(pgc(p_cls, x))
         t, b2 = paired(torchcam(t_cls, x))
         verdict = "ok" if ours / b0 <= 1.15 else "MISSED (target <= 1.15)"
-        rows.append((f"{name}  foveal", f"batch {args.batch}", ours, ours / b0, verdict))
-        rows.append((f"{name}  pytorch-grad-cam", f"batch {args.batch}", p, p / b1, ""))
-        rows.append((f"{name}  torchcam", f"batch {args.batch}", t, t / b2, ""))
+        rows.append((f"{name}  foveal", f"batch {args.batch}", ours, ours / b0, verdict, None, None))
+        rows.append((f"{name}  pytorch-grad-cam", f"batch {args.batch}", p, p / b1, "", None, None))
+        rows.append((f"{name}  torchcam", f"batch {args.batch}", t, t / b2, "", None, None))
 
     if not args.skip_score:
         size = args.score_size or args.size
@@ -143,32 +157,48 @@ def main() -> None:
                     for j in range(0, channels, bs):
                         model(chunk[: min(bs, channels - j)])
 
-            return bs, timed(run, device, 1)[0]
+            return bs, run
 
-        best_bs, before = masked_forwards()
+        best_bs, baseline = masked_forwards()
         ours_e = registry.build("score-cam", target_layer="layer4", batch_size=best_bs, progress=False)
-        ours, _ = timed(lambda: ours_e.explain(model, x1), device, args.score_repeats)
+        with torch.no_grad():  # how many masked forwards foveal's exact shortcuts leave
+            maps, _, index = ours_e.unique_maps(model.forward_features(x1))
+        n_ours = maps.shape[0] + int(bool((index < 0).any()))
 
         def pgc_score():
             with PScoreCAM(model=model, target_layers=[model.layer4]) as cam:
                 cam.batch_size = best_bs
                 return cam(input_tensor=x1, targets=None)
 
-        p, _ = timed(pgc_score, device, args.score_repeats)
-        t, _ = timed(torchcam(tc.ScoreCAM, x1, batch_size=best_bs, input_shape=tuple(x1.shape[1:])), device,
-                     args.score_repeats)
-        _, after = masked_forwards(best_bs)
-        ref = min(before, after)
-        rows.append((f"{channels} masked forwards (baseline)", f"{size}px, bs {best_bs}", ref, 1.0, ""))
+        runs = {
+            f"{channels} masked forwards (baseline)": baseline,
+            "score-cam  foveal": lambda: ours_e.explain(model, x1),
+            "score-cam  pytorch-grad-cam": pgc_score,
+            "score-cam  torchcam": torchcam(tc.ScoreCAM, x1, batch_size=best_bs, input_shape=tuple(x1.shape[1:])),
+        }
+        names = list(runs)
+        if device.type == "cuda":  # cuDNN autotuning and allocator warm-up stay out of the times
+            for fn in runs.values():
+                fn()
+        times = {k: [] for k in names}
+        for r in range(args.score_repeats):  # interleaved rounds, order rotated each round
+            for k in names[r % 4:] + names[: r % 4]:
+                times[k].append(timed(runs[k], device, 1)[0])
+        ref, ref_med = min(times[names[0]]), statistics.median(times[names[0]])
+        ours, p, t = (min(times[k]) for k in names[1:])
         verdict = "ok" if ours / ref <= 1.15 and ours < min(p, t) else "MISSED (target <= 1.15, fastest)"
-        rows.append(("score-cam  foveal", "batch 1", ours, ours / ref, verdict))
-        rows.append(("score-cam  pytorch-grad-cam", "batch 1", p, p / ref, ""))
-        rows.append(("score-cam  torchcam", "batch 1", t, t / ref, ""))
+        inputs = [f"{size}px, bs {best_bs}", f"1 img, {n_ours} fwd", f"1 img, {channels} fwd", f"1 img, {channels} fwd"]
+        for k, inp, v in zip(names, inputs, ["", verdict, "", ""]):
+            best, med = min(times[k]), statistics.median(times[k])
+            rows.append((k, inp, best, best / ref, v, med, med / ref_med))
+        print(f"Score-CAM: {args.score_repeats} interleaved rounds; best and median of each")
 
-    print(f"\n| {'method':<34} | {'input':<13} | {'time (s)':>9} | {'ratio':>6} | verdict |")
-    print(f"|{'-' * 36}|{'-' * 15}|{'-' * 11}|{'-' * 8}|---------|")
-    for name, inp, t, r, v in rows:
-        print(f"| {name:<34} | {inp:<13} | {t:>9.3f} | {r:>6.2f} | {v} |")
+    print(f"\n| {'method':<34} | {'input':<18} | {'best (s)':>9} | {'ratio':>6} | {'median (s)':>10} "
+          f"| {'ratio':>6} | verdict |")
+    print(f"|{'-' * 36}|{'-' * 20}|{'-' * 11}|{'-' * 8}|{'-' * 12}|{'-' * 8}|---------|")
+    for name, inp, t, r, v, med, med_r in rows:
+        m = f"{med:>10.3f} | {med_r:>6.2f}" if med is not None else f"{'-':>10} | {'-':>6}"
+        print(f"| {name:<34} | {inp:<18} | {t:>9.3f} | {r:>6.2f} | {m} | {v} |")
 
 
 if __name__ == "__main__":
