@@ -29,14 +29,6 @@ from foveal.training.affinity import train_affinitynet
 SMALL = dict(backbone_options={"model_name": "test_resnet"}, levels=[1, 2], level_channels=[8, 8], feature_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def brute_affinity_matrix(f: torch.Tensor, radius: int) -> torch.Tensor:
     """Dense (n, n) affinities of one image by looping over every pair of positions."""
     _, h, w = f.shape

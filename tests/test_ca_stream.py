@@ -18,15 +18,6 @@ from foveal.testing import check_component, check_explainer
 TINY = {"model_name": "resnet18", "model_kwargs": {"channels": [16, 32, 64, 128]}, "num_classes": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # two threads on a shared 2-core machine are ~10x slower than one for these tiny models
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_gap(**kw) -> TimmClassifier:
     return registry.build("gap-classifier", **{**TINY, **kw}).eval()
 

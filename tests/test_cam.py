@@ -53,15 +53,6 @@ class TinySeg(nn.Module):
         return nn.functional.interpolate(self.head(f), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is much faster than contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # --- contract on three model families -----------------------------------------------------------
 
 @pytest.fixture(scope="module")

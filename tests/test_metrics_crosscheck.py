@@ -19,14 +19,6 @@ from foveal.metrics import localisation as L
 from foveal.metrics import sanity as S
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyCNN(nn.Module):
     def __init__(self, classes: int = 5, seed: int = 0) -> None:
         super().__init__()

@@ -17,16 +17,6 @@ from foveal.metrics import explanation as E
 from foveal.metrics import localisation as L
 from foveal.testing import check_component
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 FAST = settings(max_examples=30, deadline=None)
 SLOW = settings(max_examples=20, deadline=None)  # examples that run many model forwards
 METRICS = ["average-drop", "average-increase", "average-gain", "insertion", "deletion", "percentage-in",

@@ -12,16 +12,6 @@ from foveal import registry
 from foveal.core.errors import CheckpointError
 from foveal.testing import check_component
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU two threads wait on each other (5-10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CHANNELS = {"b0": [32, 64, 160, 256], **{b: [64, 128, 320, 512] for b in ("b1", "b2", "b3", "b4", "b5")}}
 DEPTHS = {"b0": [2, 2, 2, 2], "b1": [2, 2, 2, 2], "b2": [3, 4, 6, 3], "b3": [3, 4, 18, 3],
           "b4": [3, 8, 27, 3], "b5": [3, 6, 40, 3]}

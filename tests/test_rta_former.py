@@ -15,16 +15,6 @@ from foveal.plugins.rta_former import (
 )
 from foveal.testing import check_component
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU two threads wait on each other (5-10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TABLE_I = {"t": 8.4, "s": 56.2, "m": 192.6, "l": 250.8}  # millions (rta-former.txt, Table I)
 
 

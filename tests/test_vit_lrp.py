@@ -24,14 +24,6 @@ EPS = 1e-9
 NAMES = ["vit-lrp", "attention-rollout", "raw-attention", "attn-grad-cam", "partial-lrp"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_vit(dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
     args = dict(img_size=32, patch_size=8, embed_dim=24, depth=3, num_heads=3, num_classes=5)

@@ -20,14 +20,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_dataset_is_deterministic_and_consistent():
     a, b = MultiObjectDataset(8, size=32, seed=3), MultiObjectDataset(8, size=32, seed=3)
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
