@@ -130,3 +130,23 @@ def test_preserved_model_state_mixed_modes_shared_and_missing_modules():
     with preserved_model_state(model, eval_mode=False):
         assert model[1].training
     assert model[1].training and not model.training
+
+
+@pytest.mark.parametrize(("device", "cuda", "expected"), [
+    ("cpu", True, "gloo"),  # a CPU run on a GPU machine: NCCL has no CPU tensors
+    (None, True, "nccl"), ("cuda:0", True, "nccl"), (None, False, "gloo"),
+])
+def test_init_distributed_backend_follows_the_training_device(monkeypatch, device, cuda, expected):
+    import torch.distributed as dist
+
+    from foveal.core.training import init_distributed
+
+    chosen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: chosen.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert init_distributed(device=device) == (1, 2)
+    assert chosen == [expected]

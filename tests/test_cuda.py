@@ -76,6 +76,34 @@ def test_segmentation_training_evaluation_and_loading_on_cuda(tmp_path):
     assert 0.0 <= scores["meanDice"] <= 1.0 and 0.0 <= scores["meanIoU"] <= scores["meanDice"] + 1e-9
 
 
+def test_segmentation_resume_on_cuda_restores_gpu_generators(tmp_path):
+    """On the CPU resume is bit-exact (test_segmentation_training.py). On CUDA two uninterrupted
+    runs already differ (cuDNN's backward kernels add atomically; measured on an H100: 7e-3 in a
+    BN running variance after 2 epochs), so a resumed run must be as close to an uninterrupted one
+    as two uninterrupted runs are to each other, and the GPU generators must be in the state."""
+    from foveal.core.checkpoint import load_state
+    from foveal.data.polyp import make_synthetic_polyps
+    from foveal.training.segmentation import train
+
+    data = make_synthetic_polyps(tmp_path / "data", num_train=8, num_test=0, test_sets=(), size=32, seed=1)
+    kw = dict(data=str(data), model="rta-former-t", model_options={"width": 16}, batch_size=4, size=32,
+              scales=[1.0], progress=False, seed=3, device="cuda")
+    first = train(out=str(tmp_path / "a"), epochs=2, **kw)
+    second = train(out=str(tmp_path / "a2"), epochs=2, **kw)
+    train(out=str(tmp_path / "b"), epochs=1, **kw)
+    state = load_state(tmp_path / "b" / "last.safetensors")
+    assert len(state["rng"]["cuda"]) == torch.cuda.device_count() and state["epoch"] == 1
+    resumed = train(out=str(tmp_path / "b"), epochs=2, resume=True, **kw)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+
+    def gap(a, b):
+        pa, pb = dict(a["model"].named_parameters()), dict(b["model"].named_parameters())
+        return max(float((pa[k].detach().double() - pb[k].detach().double()).abs().max()) for k in pa)
+
+    noise = gap(first, second)
+    assert gap(first, resumed) <= 4 * noise + 1e-6, (gap(first, resumed), noise)
+
+
 def test_classifier_training_on_cuda(tmp_path):
     from foveal.data.classification import make_synthetic_classes
     from foveal.training.classification import train_classifier

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +20,23 @@ EXAMPLE = ROOT / "examples" / "foveal-plugin-example"
 def installed(tmp_path_factory):
     """pip-install the example into a private target folder (the test venv stays untouched)."""
     target = tmp_path_factory.mktemp("site")
-    subprocess.run(
+    # build from a private copy: the build writes into the source tree (build/, *.egg-info), and
+    # parallel test workers must not share it
+    source = tmp_path_factory.mktemp("src") / EXAMPLE.name
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(EXAMPLE)],
-        check=True, capture_output=True, text=True,
+         "--no-index", "--target", str(target), str(source)],
+        capture_output=True, text=True,
     )
+    assert proc.returncode == 0, f"pip install of the example failed:\n{proc.stdout}\n{proc.stderr}"
     assert list(target.glob("foveal_plugin_example-*.dist-info"))
     return target
 
 
 def run_python(code: str, site: Path, **env: str) -> str:
-    environ = {**os.environ, "PYTHONPATH": str(site), **env}
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    environ = {**os.environ, "PYTHONPATH": path, **env}
     environ.pop("FOVEAL_LOAD_PLUGINS", None) if "FOVEAL_LOAD_PLUGINS" not in env else None
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ)
     assert proc.returncode == 0, proc.stderr

@@ -20,15 +20,6 @@ from foveal.data.polyp import PolypDataset, find_pairs, find_test_sets, make_syn
 from foveal.metrics.segmentation import dice_iou
 from foveal.training.segmentation import evaluate, load_model, scale_size, structure_loss, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU two threads wait on each other (5-10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # --- data ---------------------------------------------------------------------------------------
 
 
@@ -120,8 +111,10 @@ def test_scale_sizes_follow_polyp_pvt():
 
 # --- training -----------------------------------------------------------------------------------
 
+# CPU even where a GPU is: bit-exact resume is a CPU property (cuDNN's backward kernels are not
+# deterministic); tests/test_cuda.py covers the GPU
 SMALL = {"model": "rta-former-t", "model_options": {"width": 16}, "batch_size": 4, "size": 32,
-         "scales": [1.0], "progress": False, "seed": 3}
+         "scales": [1.0], "progress": False, "seed": 3, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -179,10 +172,12 @@ def test_cli_evaluate_and_predict(trained, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "meanDice" in table and "SynthA" in table
     saved = json.loads(out_json.read_text())
-    assert saved["SynthA"]["meanDice"] == pytest.approx(direct["SynthA"]["meanDice"], abs=1e-6)
+    # CLI and direct call agree; 1e-5 leaves room for GPU arithmetic where the CLI picks CUDA
+    assert saved["SynthA"]["meanDice"] == pytest.approx(direct["SynthA"]["meanDice"], abs=1e-5)
     # the training state rebuilds the same model
-    again = load_model(run / "last.safetensors")
-    x = torch.randn(1, 3, 32, 32)
+    device = next(result["model"].parameters()).device  # trained on CUDA where there is one
+    again = load_model(run / "last.safetensors", device=device)
+    x = torch.randn(1, 3, 32, 32, device=device)
     torch.testing.assert_close(again.eval()(x), result["model"].eval()(x))
     assert main(["predict", str(run / "model.safetensors"), str(data / "TestDataset" / "SynthA"),
                  str(tmp_path / "pred"), "--size", "32", "--quiet"]) == 0
@@ -209,7 +204,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from foveal.training.segmentation import train
 
     result = train(data=sys.argv[1], out=sys.argv[2], model="rta-former-t", model_options={"width": 16},
-                   epochs=2, batch_size=4, size=32, scales=[1.0], progress=False, seed=0)
+                   epochs=2, batch_size=4, size=32, scales=[1.0], progress=False, seed=0, device="cpu")
     save_state(dict(result["model"].state_dict()), f"{sys.argv[2]}/rank{dist.get_rank()}.safetensors")
     dist.destroy_process_group()
 """)

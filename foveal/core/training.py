@@ -31,17 +31,27 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {
+    """Python, NumPy and torch RNG states; with CUDA initialised also every GPU's generator
+    (dropout and drop-path draw from it when the model trains on a GPU)."""
+    state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore :func:`rng_state`; the GPU generators when the state has them and this machine
+    has as many GPUs (a run resumed on another machine keeps its fresh GPU generators)."""
     random.setstate(_tuplify(state["python"]))
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
 
 
 def _tuplify(x: Any) -> Any:
@@ -130,16 +140,18 @@ def distributed_env() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
+def init_distributed(backend: str | None = None, device: str | torch.device | None = None) -> tuple[int, int]:
     """Initialise the process group from torchrun's environment; returns (rank, world_size).
 
-    Without torchrun returns (0, 1) and does nothing. The backend defaults to ``nccl`` with CUDA
-    and ``gloo`` otherwise.
+    Without torchrun returns (0, 1) and does nothing. The backend defaults to ``nccl`` when the
+    training runs on CUDA (``device`` a CUDA device, or None with CUDA available) and ``gloo``
+    otherwise (a CPU run on a GPU machine needs gloo: NCCL has no CPU tensors).
     """
     if not distributed_env():
         return 0, 1
     if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        backend = backend or ("nccl" if cuda else "gloo")
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
 

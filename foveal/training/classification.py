@@ -9,7 +9,8 @@ instead (the GAP baseline trained from scratch in tests and the demo).
 
 Every epoch writes ``<out>/last.safetensors`` (model, optimizer, scheduler, RNG states; see
 :mod:`foveal.core.training`) and ``<out>/model.safetensors`` (the model as a foveal component,
-``foveal.load``-able); ``resume=True`` continues exactly where the last completed epoch ended.
+``foveal.load``-able); ``resume=True`` continues exactly where the last completed epoch ended
+(bit for bit on the CPU; on CUDA up to cuDNN's run-to-run noise, the GPU generators restored too).
 One JSON line per epoch goes to ``<out>/log.jsonl``. Under ``torchrun`` the model is wrapped in
 ``DistributedDataParallel`` with a ``DistributedSampler``; rank 0 evaluates and writes files.
 """
@@ -145,7 +146,7 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, **overr
     values = config.model_dump() if isinstance(config, ClassifierTrainConfig) else dict(config or {})
     cfg = ClassifierTrainConfig(**{**values, **overrides})
     mode = cfg.train_mode or ("stream" if cfg.pooling == "ca-stream" else "full")
-    rank, world = init_distributed()
+    rank, world = init_distributed(device=cfg.device)
     if cfg.device:
         device = torch.device(cfg.device)
     elif torch.cuda.is_available():
