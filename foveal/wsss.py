@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from . import registry
 from .core.errors import InputError
+from .core.tensors import resolve_device
 from .core.training import seed_everything
 from .data.multiobject import MultiObjectDataset
 from .plugins.affinitynet import background_scores
@@ -171,7 +172,7 @@ def run_wsss(config: WSSSConfig | dict | None = None, **overrides: Any) -> WSSSR
     """Run the pipeline of the module docstring; returns a :class:`WSSSResult`."""
     values = config.model_dump() if isinstance(config, WSSSConfig) else dict(config or {})
     cfg = WSSSConfig(**{**values, **overrides})
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device, "device")
     tmp = None
     if cfg.out is None:
         tmp = tempfile.TemporaryDirectory()

@@ -150,3 +150,23 @@ def test_init_distributed_backend_follows_the_training_device(monkeypatch, devic
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     assert init_distributed(device=device) == (1, 2)
     assert chosen == [expected]
+
+
+def test_resolve_device_defaults_and_clear_errors(monkeypatch, tmp_path, capsys):
+    from foveal.cli import main
+    from foveal.core.tensors import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device(None) == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(InputError, match="has 1 CUDA device"):
+        resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="no usable CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(InputError, match="expected a torch device"):
+        resolve_device("gpu0")
+    # the CLI turns it into a one-line error before touching the checkpoint
+    assert main(["evaluate", str(tmp_path / "missing.safetensors"), str(tmp_path), "--device", "cuda"]) == 1
+    assert "no usable CUDA device" in capsys.readouterr().err

@@ -32,7 +32,7 @@ def add_commands(sub) -> None:
     p.add_argument("--target", type=int, default=None, help="class index to explain (default: the top class)")
     p.add_argument("--size", default="224", metavar="N|HxW",
                    help="resize images to N x N or H x W (e.g. 224 or 256x320) before explaining (default 224)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity (default 0.5)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_explain)
@@ -95,9 +95,12 @@ def cmd_explain(args) -> int:
         files += list_images(p) if p.is_dir() else [p]
     if not files:
         raise InputError("no images found in the given folders")
-    model = load_model(args.model, args.weights, args.num_classes).to(args.device).eval()
+    from ..core.tensors import resolve_device
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, args.weights, args.num_classes).to(device).eval()
     rgbs = [read_rgb(f, size) for f in files]
-    batch = torch.stack([to_tensor(r) for r in rgbs]).to(args.device)
+    batch = torch.stack([to_tensor(r) for r in rgbs]).to(device)
     out = Path(args.out)
     rows = {"image": rgbs}
     for m in methods:

@@ -163,7 +163,9 @@ def cmd_evaluate_explanations(args) -> int:
         raise InputError(f"--size: expected SIZE or H W (positive), got {args.size}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..core.tensors import resolve_device
+
+    device = resolve_device(args.device)
     paths = _collect_images(args.images)[: args.limit]
     masks_dir = Path(args.masks) if args.masks else None
     if masks_dir is not None and not masks_dir.is_dir():

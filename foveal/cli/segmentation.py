@@ -32,7 +32,7 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
-    p.add_argument("--device")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--eval", action="store_true", help="evaluate on DATA/TestDataset afterwards (OUT/eval.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -43,7 +43,7 @@ def add_commands(sub) -> None:
     p.add_argument("--size", type=int, default=352)
     p.add_argument("--datasets", nargs="+", help="only these test datasets")
     p.add_argument("--json", dest="json_path", help="write the results to this JSON file")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -53,7 +53,7 @@ def add_commands(sub) -> None:
     p.add_argument("out", help="output folder (masks/ and overlays/)")
     p.add_argument("--size", type=int, default=352)
     p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -108,9 +108,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from ..core.tensors import resolve_device
     from ..training.segmentation import evaluate, format_table, load_model, write_json
 
-    model = load_model(args.checkpoint, device=args.device)
+    model = load_model(args.checkpoint, device=resolve_device(args.device))
     results = evaluate(model, args.data, size=args.size, datasets=args.datasets, progress=not args.quiet)
     print(format_table(results))
     if args.json_path:
@@ -119,9 +120,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from ..core.tensors import resolve_device
     from ..training.segmentation import load_model, predict
 
-    model = load_model(args.checkpoint, device=args.device)
+    model = load_model(args.checkpoint, device=resolve_device(args.device))
     paths = predict(model, args.inputs, args.out, size=args.size, threshold=args.threshold, progress=not args.quiet)
     print(f"{len(paths)} masks written to {Path(args.out) / 'masks'} (overlays in {Path(args.out) / 'overlays'})")
     return 0

@@ -42,7 +42,7 @@ def add_commands(sub) -> None:
                    help='JSON of affinitynet overrides, e.g. \'{"crf": true, "walk": "squaring"}\'')
     p.add_argument("--examples", type=int, default=6, help="images in OUT/examples.png")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_wsss)
 

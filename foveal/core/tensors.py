@@ -21,6 +21,25 @@ def check_tensor(x: object, name: str) -> torch.Tensor:
     return x
 
 
+def resolve_device(requested: str | torch.device | None, name: str = "--device") -> torch.device:
+    """``requested``, or CUDA when available and CPU otherwise (``None``); a CUDA device on a
+    machine without one is an :class:`InputError` naming what this machine has."""
+    if requested is None or requested == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"{name}: expected a torch device such as cpu, cuda or cuda:1, got {requested!r}") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"{name}: {requested!r} asked for, but this machine has no usable CUDA device "
+                             f"(torch {torch.__version__}); use cpu")
+        if device.index is not None and device.index >= count:
+            raise InputError(f"{name}: {requested!r} asked for, but this machine has {count} CUDA device(s)")
+    return device
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .. import registry
 from ..core.checkpoint import load, save
 from ..core.errors import InputError
+from ..core.tensors import resolve_device
 from ..core.training import (
     MetricsLog,
     init_distributed,
@@ -148,7 +149,7 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, **overr
     mode = cfg.train_mode or ("stream" if cfg.pooling == "ca-stream" else "full")
     rank, world = init_distributed(device=cfg.device)
     if cfg.device:
-        device = torch.device(cfg.device)
+        device = resolve_device(cfg.device, "device")
     elif torch.cuda.is_available():
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from .. import registry
 from ..core.checkpoint import load, load_state, load_weights, save
 from ..core.errors import CheckpointError, InputError
+from ..core.tensors import resolve_device
 from ..core.training import (
     MetricsLog,
     init_distributed,
@@ -126,7 +127,7 @@ class TrainConfig(BaseModel):
 
 def _device(requested: str | None) -> torch.device:
     if requested:
-        return torch.device(requested)
+        return resolve_device(requested, "device")
     if torch.cuda.is_available():  # processes share the GPUs when there are more of them
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
