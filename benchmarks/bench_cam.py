@@ -99,9 +99,11 @@ def main() -> None:
             t_fn = min(t_fn, timed(fn, device, 1)[0])
         return t_fn, t_base
 
-    timed(bare_forward, device, 1)  # warm-up
-    base, _ = timed(bare_forward, device, args.repeats)
-    rows = [("forward with grad (baseline)", f"batch {args.batch}", base, 1.0, "", None, None)]
+    rows = []
+    if not args.skip_grad:
+        timed(bare_forward, device, 1)  # warm-up
+        base, _ = timed(bare_forward, device, args.repeats)
+        rows.append(("forward with grad (baseline)", f"batch {args.batch}", base, 1.0, "", None, None))
 
     def pgc(cls, inp):
         def run():
