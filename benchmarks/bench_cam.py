@@ -22,29 +22,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 
 import torch
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-CLOCK = time.perf_counter
-
-
-def timed(fn, device, repeats):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        sync(device)
-        t = CLOCK()
-        out = fn()
-        sync(device)
-        best = min(best, CLOCK() - t)
-    return best, out
+from timing import CLOCKS, best_of
 
 
 def main() -> None:
@@ -62,8 +43,11 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall-clock time, or process CPU time (CPU device only)")
     args, _ = ap.parse_known_args()  # run_all.py passes every flag to every script
-    global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = CLOCKS[args.clock]
+
+    def timed(fn, device, repeats):
+        return best_of(fn, device, repeats, clock)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

@@ -14,11 +14,11 @@ the AUCs are printed to show that they agree.
 from __future__ import annotations
 
 import argparse
-import time
 from contextlib import contextmanager
 from functools import partial
 
 import torch
+from timing import CLOCKS, best_of
 
 
 class FixedCAM:
@@ -36,23 +36,6 @@ class FixedCAM:
         yield
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats, clock):
-    best = float("inf")
-    out = None
-    for _ in range(repeats):
-        sync(device)
-        t = clock()
-        out = fn()
-        sync(device)
-        best = min(best, clock() - t)
-    return best, out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=16)
@@ -66,7 +49,7 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="'cpu': this process's CPU time (steadier on a shared CPU machine with --threads 1)")
     args = ap.parse_args()
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -102,12 +85,12 @@ def main() -> None:
         return m.summary()
 
     forwards(1)  # warm-up
-    t_n, _ = timed(lambda: forwards(n), device, args.repeats, clock)
-    t_2n, _ = timed(lambda: forwards(2 * n), device, args.repeats, clock)
-    t_del, v_del = timed(lambda: dele(model, x, maps), device, args.repeats, clock)
-    t_ins, v_ins = timed(lambda: ins(model, x, maps), device, args.repeats, clock)
-    t_blur, _ = timed(lambda: ins_blur(model, x, maps), device, args.repeats, clock)
-    t_tc, v_tc = timed(torchcam_both, device, args.repeats, clock)
+    t_n, _ = best_of(lambda: forwards(n), device, args.repeats, clock)
+    t_2n, _ = best_of(lambda: forwards(2 * n), device, args.repeats, clock)
+    t_del, v_del = best_of(lambda: dele(model, x, maps), device, args.repeats, clock)
+    t_ins, v_ins = best_of(lambda: ins(model, x, maps), device, args.repeats, clock)
+    t_blur, _ = best_of(lambda: ins_blur(model, x, maps), device, args.repeats, clock)
+    t_tc, v_tc = best_of(torchcam_both, device, args.repeats, clock)
 
     rows = [
         ("N forwards per image (baseline)", t_n, t_n, "-"),
