@@ -10,6 +10,7 @@ concatenated statistics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -80,7 +81,20 @@ class _AverageConfig(_ScoredConfig):
         "Opti-CAM, torchcam). A number: binary mask of the top floor(f*H*W) pixels (Abs-CAM 4.2 uses 0.5).")
 
 
-class AverageDrop(_ExplanationMetric):
+class _AverageMetric(_ExplanationMetric):
+    """Average drop / increase / gain: one function of :mod:`foveal.metrics.explanation`,
+    named by the subclass, on the image masked by the explanation."""
+
+    Config = _AverageConfig
+    _score: Callable[..., torch.Tensor]
+
+    def compute(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
+        c = self.config
+        return type(self)._score(model, images, saliency, targets, output=c.output, keep_fraction=c.keep_fraction,
+                                 p=self._p())
+
+
+class AverageDrop(_AverageMetric):
     """Average drop (Chattopadhyay et al., Grad-CAM++, 2018; attention-guided-cam.txt 4.2.1, eq. 8;
     abs-cam.txt 4.2; ca-stream.txt section 4 "AD").
 
@@ -91,16 +105,11 @@ class AverageDrop(_ExplanationMetric):
     (logits only). torchcam's ``ClassificationMetric`` divides by ``Y + 1e-7``.
     """
 
-    Config = _AverageConfig
     higher_is_better = False
-
-    def compute(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
-        c = self.config
-        return E.average_drop(model, images, saliency, targets, output=c.output, keep_fraction=c.keep_fraction,
-                              p=self._p())
+    _score = E.average_drop
 
 
-class AverageIncrease(_ExplanationMetric):
+class AverageIncrease(_AverageMetric):
     """Average increase in confidence (Grad-CAM++; attention-guided-cam.txt 4.2.2, eq. 9; ca-stream.txt "AI").
 
     Per image ``100 * [Y < O]`` (strict: a tie is no increase); its mean is the percentage of
@@ -108,12 +117,7 @@ class AverageIncrease(_ExplanationMetric):
     Higher is better; range [0, 100].
     """
 
-    Config = _AverageConfig
-
-    def compute(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
-        c = self.config
-        return E.average_increase(model, images, saliency, targets, output=c.output, keep_fraction=c.keep_fraction,
-                                  p=self._p())
+    _score = E.average_increase
 
 
 class _GainConfig(_AverageConfig):
@@ -121,7 +125,7 @@ class _GainConfig(_AverageConfig):
         "probability", description="Average gain divides by 1 - Y, so it is defined for softmax probabilities only.")
 
 
-class AverageGain(_ExplanationMetric):
+class AverageGain(_AverageMetric):
     """Average gain (Zhang et al., Opti-CAM, 2023; ca-stream.txt section 4 "AG").
 
     Per image ``100 * max(0, O - Y) / (1 - Y)`` in percent with softmax probabilities (0 where
@@ -130,11 +134,7 @@ class AverageGain(_ExplanationMetric):
     """
 
     Config = _GainConfig
-
-    def compute(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
-        c = self.config
-        return E.average_gain(model, images, saliency, targets, output=c.output, keep_fraction=c.keep_fraction,
-                              p=self._p())
+    _score = E.average_gain
 
 
 class _CurveConfig(_ScoredConfig):
@@ -155,7 +155,25 @@ class _InsertionConfig(_CurveConfig):
         "blur", description="Image insertion starts from (RISE: the blurred image, 'blur'; torchcam: 'zero').")
 
 
-class Deletion(_ExplanationMetric):
+class _CurveMetric(_ExplanationMetric):
+    """Deletion / insertion: the AUC (``compute``) and the curve itself (``curve``) from the
+    functions of :mod:`foveal.metrics.explanation` a subclass names."""
+
+    _auc: Callable[..., torch.Tensor]
+    _curve: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+    def compute(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
+        c = self.config
+        return type(self)._auc(model, images, saliency, targets, steps=c.steps, output=c.output, x_axis=c.x_axis,
+                               p=self._p())
+
+    def curve(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
+        """``(fractions (P,), scores (B, P))``."""
+        c = self.config
+        return type(self)._curve(model, images, saliency, targets, steps=c.steps, output=c.output, p=self._p())
+
+
+class Deletion(_CurveMetric):
     """Deletion (Petsiuk et al., RISE, 2018; abs-cam.txt 4.2; ca-stream.txt section 4 "D").
 
     The most salient pixels are replaced by the baseline, ``ceil(H*W/steps)`` per step, and the
@@ -167,19 +185,10 @@ class Deletion(_ExplanationMetric):
 
     Config = _DeletionConfig
     higher_is_better = False
-
-    def compute(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
-        c = self.config
-        return E.deletion(model, images, saliency, targets, steps=c.steps, output=c.output, x_axis=c.x_axis,
-                          p=self._p())
-
-    def curve(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
-        """``(fractions (P,), scores (B, P))``."""
-        c = self.config
-        return E.deletion_curve(model, images, saliency, targets, steps=c.steps, output=c.output, p=self._p())
+    _auc, _curve = E.deletion, E.deletion_curve
 
 
-class Insertion(_ExplanationMetric):
+class Insertion(_CurveMetric):
     """Insertion (Petsiuk et al., RISE, 2018; abs-cam.txt 4.2; ca-stream.txt section 4 "I").
 
     Starting from the baseline image (RISE: blurred), the most salient pixels of the original
@@ -188,16 +197,7 @@ class Insertion(_ExplanationMetric):
     """
 
     Config = _InsertionConfig
-
-    def compute(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
-        c = self.config
-        return E.insertion(model, images, saliency, targets, steps=c.steps, output=c.output, x_axis=c.x_axis,
-                           p=self._p())
-
-    def curve(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
-        """``(fractions (P,), scores (B, P))``."""
-        c = self.config
-        return E.insertion_curve(model, images, saliency, targets, steps=c.steps, output=c.output, p=self._p())
+    _auc, _curve = E.insertion, E.insertion_curve
 
 
 class _PercentageInConfig(_ScoredConfig):
