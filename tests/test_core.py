@@ -170,3 +170,17 @@ def test_resolve_device_defaults_and_clear_errors(monkeypatch, tmp_path, capsys)
     # the CLI turns it into a one-line error before touching the checkpoint
     assert main(["evaluate", str(tmp_path / "missing.safetensors"), str(tmp_path), "--device", "cuda"]) == 1
     assert "no usable CUDA device" in capsys.readouterr().err
+
+
+def test_training_device_wraps_local_rank_over_the_gpus(monkeypatch):
+    from foveal.core.training import training_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert training_device(None) == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert training_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device(None) == torch.device("cpu")

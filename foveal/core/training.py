@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import load_state, save_state
+from .tensors import resolve_device
 
 
 def seed_everything(seed: int) -> None:
@@ -154,6 +155,20 @@ def init_distributed(backend: str | None = None, device: str | torch.device | No
         backend = backend or ("nccl" if cuda else "gloo")
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def training_device(requested: str | torch.device | None) -> torch.device:
+    """The device a training process uses: ``requested`` (checked by
+    :func:`~foveal.core.tensors.resolve_device`), else ``cuda:LOCAL_RANK`` (wrapped over the GPUs
+    when processes outnumber them, and made the current CUDA device for NCCL) when CUDA is
+    available, else the CPU."""
+    if requested:
+        return resolve_device(requested, "device")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 def is_main_process() -> bool:

@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 from .. import registry
 from ..core.checkpoint import load, save
 from ..core.errors import InputError
-from ..core.tensors import resolve_device
 from ..core.training import (
     MetricsLog,
     init_distributed,
@@ -40,6 +39,7 @@ from ..core.training import (
     load_training_state,
     save_training_state,
     seed_everything,
+    training_device,
     unwrap,
 )
 from ..data.classification import ImageFolderDataset, split_folder
@@ -148,13 +148,7 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, **overr
     cfg = ClassifierTrainConfig(**{**values, **overrides})
     mode = cfg.train_mode or ("stream" if cfg.pooling == "ca-stream" else "full")
     rank, world = init_distributed(device=cfg.device)
-    if cfg.device:
-        device = resolve_device(cfg.device, "device")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    device = training_device(cfg.device)
     out = Path(cfg.out)
     main = is_main_process()
     if main:

@@ -43,7 +43,6 @@ from tqdm.auto import tqdm
 from .. import registry
 from ..core.checkpoint import load, load_state, load_weights, save
 from ..core.errors import CheckpointError, InputError
-from ..core.tensors import resolve_device
 from ..core.training import (
     MetricsLog,
     init_distributed,
@@ -51,6 +50,7 @@ from ..core.training import (
     load_training_state,
     save_training_state,
     seed_everything,
+    training_device,
 )
 from ..data.images import list_images, read_rgb, to_tensor
 from ..data.polyp import PolypDataset, find_test_sets, train_folder
@@ -125,14 +125,6 @@ class TrainConfig(BaseModel):
 # --- training ----------------------------------------------------------------------------------
 
 
-def _device(requested: str | None) -> torch.device:
-    if requested:
-        return resolve_device(requested, "device")
-    if torch.cuda.is_available():  # processes share the GPUs when there are more of them
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def _check_binary(model: nn.Module) -> None:
     if getattr(model, "task", "segmentation") != "segmentation":
         raise InputError(f"expected a segmentation model, got task {model.task!r}")
@@ -179,7 +171,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     cfg = TrainConfig(**{**values, **overrides})
     rank, world = init_distributed(device=cfg.device)
     main = is_main_process()
-    device = _device(cfg.device)
+    device = training_device(cfg.device)
     if cfg.batch_size % world:
         raise InputError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
     out = Path(cfg.out)
