@@ -19,7 +19,7 @@ import time
 import torch
 
 from foveal import registry
-from foveal.plugins.pooling import wrap_classifier
+from foveal.models.ca_stream import wrap_classifier
 
 
 def timed(fn, sync) -> float:

@@ -93,7 +93,8 @@ def _rss_mib(field: str) -> float:
 
 
 def _walk_job(side: int, method: str, classes: int, steps: int, device: str, estimate: bool, queue) -> None:
-    from foveal.plugins.affinitynet import pair_offsets, random_walk, transition_pairs
+    from foveal.refine.pairs import pair_offsets
+    from foveal.refine.random_walk import random_walk, transition_pairs
 
     torch.manual_seed(0)
     dev = torch.device(device)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from foveal.pooling_study import METHODS, run_table1
+from foveal.pipelines.pooling_study import METHODS, run_table1
 
 
 def parse_args(argv=None) -> argparse.Namespace:

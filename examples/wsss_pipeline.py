@@ -2,7 +2,7 @@
 
 1. Table 4 analogue: a ViT trained from image-level labels on the synthetic multi-object set,
    ``vit-lrp`` seeds, AffinityNet trained on the seeds' affinity labels, random walk; mIoU of the
-   seed masks and of the refined pseudo-masks (``foveal.wsss.run_wsss``).
+   seed masks and of the refined pseudo-masks (``foveal.pipelines.wsss.run_wsss``).
 2. Tables 2/3 analogue on the same classifier: positive / negative perturbation AUC (target
    class) and saliency segmentation (pixel accuracy, mAP, mIoU at the map mean) of ``vit-lrp``
    and its baselines, with the registered ``perturbation-auc`` and ``saliency-segmentation``
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from foveal import registry
-from foveal.wsss import run_wsss
+from foveal.pipelines.wsss import run_wsss
 
 EXPLAINERS = ["vit-lrp", "partial-lrp", "attention-rollout", "vit-raw-attention", "attn-grad-cam"]
 

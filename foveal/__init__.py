@@ -8,8 +8,8 @@ explaining vision models.
 __version__ = "0.1.0"
 
 from . import registry  # noqa: E402
-from .core.checkpoint import load, save  # noqa: E402
 from .core.errors import CheckpointError, FovealError, InputError, PluginWarning, RegistryError  # noqa: E402
+from .registry.checkpoints import load, save  # noqa: E402
 
 __all__ = [
     "CheckpointError", "FovealError", "InputError", "PluginWarning", "RegistryError",

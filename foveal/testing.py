@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from . import registry
-from .core.checkpoint import load, save
 from .core.component import KINDS
+from .registry.checkpoints import load, save
 
 
 def check_component(name: str, **overrides: Any) -> Any:

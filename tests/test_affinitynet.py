@@ -14,15 +14,10 @@ from pydantic import ValidationError
 
 from foveal import registry
 from foveal.core.errors import FovealError, InputError
-from foveal.plugins.affinitynet import (
-    IGNORE,
-    affinity_label_map,
-    affinity_loss,
-    pair_affinities,
-    pair_labels,
-    pair_offsets,
-    random_walk,
-)
+from foveal.models.affinitynet import affinity_loss, pair_affinities, pair_labels
+from foveal.refine.pairs import IGNORE, pair_offsets
+from foveal.refine.random_walk import random_walk
+from foveal.refine.seeds import affinity_label_map
 from foveal.testing import check_component
 from foveal.training.affinity import train_affinitynet
 
@@ -246,7 +241,7 @@ def test_trainer_resumes_exactly(tmp_path):
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[1]["loss"] == pytest.approx(full["history"][1]["loss"])
     assert (tmp_path / "b" / "affinitynet.safetensors").exists()
-    from foveal.core.checkpoint import load
+    from foveal import load
 
     reloaded = load(tmp_path / "b" / "affinitynet.safetensors")
     assert all(torch.equal(reloaded.state_dict()[k], b[k]) for k in b)

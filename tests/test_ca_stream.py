@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from foveal import registry
 from foveal.core.errors import InputError
-from foveal.plugins.pooling import CaStream, TimmClassifier, wrap_classifier
+from foveal.models.ca_stream import CaStream, TimmClassifier, wrap_classifier
 from foveal.testing import check_component, check_explainer
 
 TINY = {"model_name": "resnet18", "model_kwargs": {"channels": [16, 32, 64, 128]}, "num_classes": 3}
@@ -254,7 +254,7 @@ def test_table1_example_on_synthetic_data(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from foveal import pooling_study
+    from foveal.pipelines import pooling_study
 
     path = Path(__file__).resolve().parents[1] / "examples" / "ca_stream_table1.py"
     spec = importlib.util.spec_from_file_location("ca_stream_table1", path)

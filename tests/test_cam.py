@@ -15,7 +15,7 @@ import foveal
 from foveal import registry
 from foveal.core.errors import InputError
 from foveal.core.explainer import SegmentationTarget
-from foveal.plugins.cam import GradCAM
+from foveal.explainers.gradient_cams import GradCAM
 from foveal.testing import _hook_count, check_component, check_explainer
 
 METHODS = ["grad-cam", "grad-cam++", "xgrad-cam", "layer-cam", "smoothgrad-cam++", "score-cam", "abs-cam",

@@ -98,7 +98,7 @@ def test_key_and_shape_mismatches_are_listed(tmp_path):
 
 
 def test_unregistered_component_cannot_be_saved(tmp_path):
-    from foveal.plugins.pooling import GlobalAveragePooling
+    from foveal.models.ca_stream import GlobalAveragePooling
 
     with pytest.raises(CheckpointError, match="no registry name"):
         foveal.save(GlobalAveragePooling(in_channels=3), tmp_path / "x.safetensors")

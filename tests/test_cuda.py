@@ -127,7 +127,7 @@ def test_classifier_training_on_cuda(tmp_path):
 
 
 def test_wsss_pipeline_on_cuda(tmp_path):
-    from foveal.wsss import run_wsss
+    from foveal.pipelines.wsss import run_wsss
 
     result = run_wsss(
         out=str(tmp_path), progress=False, device="cuda", images=48, size=64, cls_epochs=25, aff_epochs=6,

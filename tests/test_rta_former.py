@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from foveal import registry
-from foveal.plugins.rta_former import (
+from foveal.models.rta_former import (
     ConvReverseAttention,
     FastFeatureFusion,
     ResidualRefine,

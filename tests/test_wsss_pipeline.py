@@ -1,4 +1,4 @@
-"""End-to-end weakly-supervised segmentation (foveal/wsss.py), its data set and its CLI."""
+"""End-to-end weakly-supervised segmentation (foveal/pipelines/wsss.py), its data set and its CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from foveal.cli import main
 from foveal.data.multiobject import MultiObjectDataset
-from foveal.wsss import confusion_miou, run_wsss
+from foveal.pipelines.wsss import confusion_miou, run_wsss
 
 TINY = dict(
     images=48, size=64, cls_epochs=25, aff_epochs=6,

@@ -13,7 +13,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from ..demo import run_demo
+    from ..pipelines.demo import run_demo
 
     run_demo(out=args.out, data=args.data, quick=args.quick, seed=args.seed)
     return 0

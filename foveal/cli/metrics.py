@@ -95,7 +95,8 @@ def load_model(spec: str, weights: str | None = None):
     import torch
 
     from .. import registry
-    from ..core.checkpoint import load, load_weights, read_state_dict
+    from ..core.checkpoint import load_weights, read_state_dict
+    from ..registry.checkpoints import load
 
     path = Path(spec)
     if path.is_file():

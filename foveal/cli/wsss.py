@@ -48,7 +48,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_wsss(args) -> int:
-    from ..wsss import WSSSConfig, run_wsss
+    from ..pipelines.wsss import WSSSConfig, run_wsss
 
     values = dict(out=args.out, images=args.images, size=args.size, num_classes=args.classes,
                   max_objects=args.max_objects, vit=args.vit, cls_epochs=args.cls_epochs, explainer=args.explainer,

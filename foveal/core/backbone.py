@@ -42,20 +42,3 @@ class Backbone(Component, nn.Module, ABC):
 
     @abstractmethod
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]: ...
-
-
-def build_backbone(name: str, options: dict[str, Any] | None = None, weights: str | None = None, *,
-                   owner: str) -> Backbone:
-    """Build the registered backbone ``name`` for a composite component (``owner`` names it in
-    errors); ``weights`` is passed as the backbone's ``weights`` file."""
-    from .. import registry
-    from .errors import InputError
-
-    options = dict(options or {})
-    if weights:
-        options["weights"] = weights
-    backbone = registry.build(name, **options)
-    if getattr(backbone, "kind", None) != "backbone":
-        raise InputError(f"{owner}: {name!r} is a {getattr(backbone, 'kind', type(backbone).__name__)}, "
-                         "expected a backbone")
-    return backbone

@@ -1,6 +1,7 @@
 """Checkpoints: safetensors files with the metadata needed to rebuild a component.
 
-* :func:`save` / :func:`load`: a registered component (weights + registry name + config JSON).
+* :func:`atomic_save_file` / :func:`read_checkpoint`: the safetensors files behind ``foveal.save`` /
+  ``foveal.load`` (:mod:`foveal.registry.checkpoints`, which knows the registry).
 * :func:`save_state` / :func:`load_state`: any nested training state (model, optimizer,
   scheduler, RNG states, counters) as tensors plus a JSON skeleton; nothing is pickled.
 * :func:`read_state_dict`: third-party weight files (``.safetensors``; ``.pth``/``.pt``/``.bin``
@@ -47,7 +48,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     return path
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -66,66 +67,14 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, metadata
 
 
-def _plugin_of(component: Any) -> tuple[str, str]:
-    from .. import registry
-
-    name = getattr(component, "registry_name", None)
-    if name is None:
-        return "", ""
-    try:
-        entry = registry.entry(name)
-    except Exception:
-        return "", ""
-    return entry.distribution, entry.distribution_version
-
-
-def save(component: Any, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``component`` (built by ``registry.build``) to one safetensors file, atomically.
-
-    Metadata: ``format``, ``name`` (registry name), ``kind``, ``config`` (JSON), ``foveal_version``,
-    ``plugin`` and ``plugin_version`` (the distribution that registered it), plus ``metadata``.
-    """
-    from .. import __version__
-
-    name = getattr(component, "registry_name", None)
-    if not name:
-        raise CheckpointError(
-            f"cannot save {type(component).__name__}: it has no registry name; build it with "
-            "foveal.registry.build(name, ...) (or set .registry_name to its registered name)"
-        )
-    dist, dist_version = _plugin_of(component)
-    meta = {
-        "format": FORMAT,
-        "name": name,
-        "kind": getattr(component, "kind", ""),
-        "config": json.dumps(checkpoint_config(component)),
-        "foveal_version": __version__,
-        "plugin": dist,
-        "plugin_version": dist_version,
-    }
-    for k, v in (metadata or {}).items():
-        meta[str(k)] = str(v)
-    return atomic_save_file(dict(component.state_dict()), path, meta)
-
-
-def checkpoint_config(component: Any) -> dict[str, Any]:
-    """The config as saved: JSON-ready, with ``checkpoint_exclude`` fields reset to defaults."""
-    config = component.config.model_dump(mode="json")
-    fields = type(component.config).model_fields
-    for name in getattr(component, "checkpoint_exclude", ()):
-        if name in fields and not fields[name].is_required():
-            config[name] = fields[name].get_default(call_default_factory=True)
-    return config
-
-
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of a foveal checkpoint (raises :class:`CheckpointError` if it is not one)."""
-    _, meta = _read(path)
-    _check_format(path, meta, FORMAT)
+    _, meta = read_checkpoint(path)
+    check_format(path, meta, FORMAT)
     return meta
 
 
-def _check_format(path: Any, meta: Mapping[str, str], expected: str) -> None:
+def check_format(path: Any, meta: Mapping[str, str], expected: str) -> None:
     fmt = meta.get("format")
     if fmt != expected:
         what = f"format {fmt!r}" if fmt else "no foveal metadata"
@@ -133,32 +82,6 @@ def _check_format(path: Any, meta: Mapping[str, str], expected: str) -> None:
             f"{path} is a safetensors file but not a foveal checkpoint (expected format "
             f"{expected!r}, found {what}); for plain weight files use read_state_dict()"
         )
-
-
-def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", strict: bool = True) -> Any:
-    """Rebuild the component saved by :func:`save` through ``registry.build`` and load its weights."""
-    from .. import registry
-
-    tensors, meta = _read(path)
-    _check_format(path, meta, FORMAT)
-    name = meta.get("name", "")
-    try:
-        config = json.loads(meta.get("config", "{}"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: the config metadata is not valid JSON: {e}") from e
-    if not registry.has(name):
-        plugin = meta.get("plugin") or "the plugin that provides it"
-        version = meta.get("plugin_version")
-        pin = f"=={version}" if version and meta.get("plugin") else ""
-        raise CheckpointError(
-            f"{path} holds component {name!r}, which no installed plugin provides; "
-            f"install it with: pip install {plugin}{pin}"
-        )
-    component = registry.build(name, **config)
-    load_weights(component, tensors, source=str(path), strict=strict)
-    if isinstance(component, torch.nn.Module):
-        component.to(map_location)
-    return component
 
 
 def load_weights(
@@ -200,7 +123,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        tensors, _ = _read(path)
+        tensors, _ = read_checkpoint(path)
         return tensors
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -267,8 +190,8 @@ def save_state(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
     """Read a state written by :func:`save_state`."""
-    tensors, meta = _read(path)
-    _check_format(path, meta, STATE_FORMAT)
+    tensors, meta = read_checkpoint(path)
+    check_format(path, meta, STATE_FORMAT)
     try:
         skeleton = json.loads(meta["skeleton"])
         return _unflatten(skeleton, tensors)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from .component import PlainComponent
+from .errors import InputError
 
 
 class Metric(PlainComponent, ABC):
@@ -46,3 +47,36 @@ class Metric(PlainComponent, ABC):
         v = per_sample.detach().double().flatten()
         v = v[~torch.isnan(v)]
         return float(v.mean()) if v.numel() else float("nan")
+
+
+class PooledMetric(Metric):
+    """Metrics whose dataset value may pool counts over images (``averaging="pooled"``).
+
+    ``compute`` still returns per-image values. For the dataset value use
+    ``aggregate(torch.cat([m.statistics(...) for each batch]))`` or ``score(...)`` on one batch.
+    """
+
+    n_statistics: ClassVar[int] = 0
+
+    def statistics(self, *args: Any) -> torch.Tensor:  # pragma: no cover - abstract in practice
+        raise NotImplementedError
+
+    def reduce(self, statistics: torch.Tensor) -> float:  # pragma: no cover - abstract in practice
+        raise NotImplementedError
+
+    def score(self, *args: Any) -> float:
+        """The dataset value of this batch with the configured averaging."""
+        return self.reduce(self.statistics(*args))
+
+    def aggregate(self, per_sample: torch.Tensor) -> float:
+        """Per-image values (B,) with ``averaging="per-image"``: their mean over counted samples.
+        Statistics (N, k) from :meth:`statistics` (either averaging): the configured reduction."""
+        if per_sample.dim() == 2 and per_sample.shape[1] == self.n_statistics:
+            return self.reduce(per_sample)
+        if self.config.averaging == "pooled":
+            raise InputError(
+                f"{type(self).__name__} with averaging='pooled' reduces counts, not per-image values: pass "
+                f"torch.cat([metric.statistics(...) for each batch]) (shape (N, {self.n_statistics})) to "
+                "aggregate(), or use metric.score(...)"
+            )
+        return super().aggregate(per_sample)

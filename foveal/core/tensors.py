@@ -121,3 +121,8 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def float_dtype(t: torch.Tensor) -> torch.dtype:
+    """``t``'s dtype if floating point, else torch's default float dtype."""
+    return t.dtype if t.is_floating_point() else torch.get_default_dtype()

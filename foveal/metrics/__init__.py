@@ -1,1 +1,3 @@
-"""Functional metric implementations; registered as components by foveal.plugins.metrics."""
+"""Metrics: the functions and the metric components that wrap them, one module per family
+(explanation faithfulness, localisation, segmentation; sanity checks). Registered by
+:mod:`foveal.plugins.metrics`."""

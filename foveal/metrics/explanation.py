@@ -1,7 +1,7 @@
 """Faithfulness metrics of saliency maps: the model's score on images masked by the map.
 
 Functional, batched and device-agnostic; the registered components in
-:mod:`foveal.plugins.metrics` wrap these functions. Conventions shared by every function here:
+The metric components at the end of this module wrap these functions. Conventions shared by every function here:
 
 * **Score** (``output``): ``"probability"`` = softmax over dim 1 of the model output, then the
   target's entry; ``"logit"`` = the raw output entry. Segmentation outputs (B, K, H, W) go
@@ -39,11 +39,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.config import ComponentConfig
 from ..core.errors import InputError
 from ..core.explainer import SegmentationTarget, Targets
+from ..core.metric import Metric
 from ..core.modules import preserved_model_state
 from ..core.tensors import check_images, check_maps, normalize_maps
 
@@ -510,3 +513,253 @@ def perturbation_auc(model, images, saliency, targets=None, *, normalize: bool =
     if normalize:
         area = area / float(f[-1] - f[0])
     return area.to(c.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Explanation faithfulness
+# ---------------------------------------------------------------------------------------------
+class _PerturbationConfig(ComponentConfig):
+    baseline: Literal["zero", "black", "mean", "blur"] = Field(
+        "zero", description="Value of removed pixels, in the model's input space: 'zero' (0 after normalisation, "
+        "the mean colour for ImageNet-normalised inputs), 'black' (pixel value 0 before normalisation: "
+        "-mean/std), 'mean' (each image's channel means), 'blur' (RISE's 11x11 Gaussian blur, sigma 5).")
+    mean: tuple[float, ...] = Field(IMAGENET_MEAN, description="Per-channel normalisation mean of the "
+                                    "inputs (only used by baseline 'black').")
+    std: tuple[float, ...] = Field(IMAGENET_STD, description="Per-channel normalisation std of the inputs "
+                                   "(only used by baseline 'black').")
+    blur_kernel_size: int = Field(11, gt=0, description="Kernel size of the 'blur' baseline (odd).")
+    blur_sigma: float = Field(5.0, gt=0, description="Gaussian sigma of the 'blur' baseline.")
+    batch_size: int = Field(64, gt=0, description="Perturbed images per model forward.")
+    progress: bool = Field(False, description="Show a tqdm progress bar over forward batches (on terminals).")
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(s <= 0 for s in v):
+            raise ValueError(f"std must be positive, got {v}")
+        return v
+
+
+class _ScoredConfig(_PerturbationConfig):
+    output: Literal["probability", "logit"] = Field(
+        "probability", description="Score of the class: softmax probability over dim 1 ('probability') or the "
+        "raw model output ('logit').")
+
+
+class _ExplanationMetric(Metric):
+    """``compute(model, images (B, C, H, W), saliency (B, H, W), targets=None) -> (B,)``.
+
+    Shared conventions (see :mod:`foveal.metrics.explanation`): ``targets=None`` is the class
+    predicted on the unmodified image, kept for every perturbed copy; pixels are ranked by
+    decreasing saliency with ties broken by increasing row-major index (stable sort); images
+    are masked in the model's input space; the model is left as found and run without grads.
+    """
+
+    family = "explanation"
+    Config = _ScoredConfig
+
+    def _p(self) -> Perturbation:
+        c = self.config
+        return Perturbation(c.baseline, c.mean, c.std, c.blur_kernel_size, c.blur_sigma, c.batch_size, c.progress)
+
+
+class _AverageConfig(_ScoredConfig):
+    keep_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="None: soft mask = the per-image min-max normalised map (Grad-CAM++, "
+        "Opti-CAM, torchcam). A number: binary mask of the top floor(f*H*W) pixels (Abs-CAM 4.2 uses 0.5).")
+
+
+class _AverageMetric(_ExplanationMetric):
+    """Average drop / increase / gain: one function of :mod:`foveal.metrics.explanation`,
+    named by the subclass, on the image masked by the explanation."""
+
+    Config = _AverageConfig
+    _score: Callable[..., torch.Tensor]
+
+    def compute(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
+        c = self.config
+        return type(self)._score(model, images, saliency, targets, output=c.output, keep_fraction=c.keep_fraction,
+                                 p=self._p())
+
+
+class AverageDrop(_AverageMetric):
+    """Average drop (Chattopadhyay et al., Grad-CAM++, 2018; attention-guided-cam.txt 4.2.1, eq. 8;
+    abs-cam.txt 4.2; ca-stream.txt section 4 "AD").
+
+    Per image ``100 * max(0, Y - O) / Y`` in percent, where ``Y`` is the class score on the image
+    and ``O`` on the image masked by the explanation ``E * x + (1 - E) * baseline`` (default:
+    soft mask, ``"zero"`` baseline, i.e. ``E * x`` on the normalised tensor, softmax
+    probabilities). Lower is better; range [0, 100] for probabilities. NaN where ``Y <= 0``
+    (logits only). torchcam's ``ClassificationMetric`` divides by ``Y + 1e-7``.
+    """
+
+    higher_is_better = False
+    _score = average_drop
+
+
+class AverageIncrease(_AverageMetric):
+    """Average increase in confidence (Grad-CAM++; attention-guided-cam.txt 4.2.2, eq. 9; ca-stream.txt "AI").
+
+    Per image ``100 * [Y < O]`` (strict: a tie is no increase); its mean is the percentage of
+    images whose score rises when only the explanation is shown. Same masking as average drop.
+    Higher is better; range [0, 100].
+    """
+
+    _score = average_increase
+
+
+class _GainConfig(_AverageConfig):
+    output: Literal["probability"] = Field(
+        "probability", description="Average gain divides by 1 - Y, so it is defined for softmax probabilities only.")
+
+
+class AverageGain(_AverageMetric):
+    """Average gain (Zhang et al., Opti-CAM, 2023; ca-stream.txt section 4 "AG").
+
+    Per image ``100 * max(0, O - Y) / (1 - Y)`` in percent with softmax probabilities (0 where
+    ``Y == 1``); the counterpart of average drop. Same masking as average drop. Higher is
+    better; range [0, 100].
+    """
+
+    Config = _GainConfig
+    _score = average_gain
+
+
+class _CurveConfig(_ScoredConfig):
+    steps: int = Field(224, gt=0, description="Number of perturbation steps N: ceil(H*W/N) pixels per step, "
+                       "N+1 curve points when N divides H*W (RISE: 224 pixels per step at 224x224 = 224 steps).")
+    x_axis: Literal["step", "fraction"] = Field(
+        "step", description="AUC abscissa: 'step' = points equally spaced on [0, 1] (RISE's auc); 'fraction' = "
+        "the actually perturbed fraction of pixels (torchcam). Identical when N divides H*W.")
+
+
+class _DeletionConfig(_CurveConfig):
+    baseline: Literal["zero", "black", "mean", "blur"] = Field(
+        "zero", description="Value deleted pixels take (RISE: zeros of the normalised tensor, 'zero').")
+
+
+class _InsertionConfig(_CurveConfig):
+    baseline: Literal["zero", "black", "mean", "blur"] = Field(
+        "blur", description="Image insertion starts from (RISE: the blurred image, 'blur'; torchcam: 'zero').")
+
+
+class _CurveMetric(_ExplanationMetric):
+    """Deletion / insertion: the AUC (``compute``) and the curve itself (``curve``) from the
+    functions of :mod:`foveal.metrics.explanation` a subclass names."""
+
+    _auc: Callable[..., torch.Tensor]
+    _curve: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+    def compute(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
+        c = self.config
+        return type(self)._auc(model, images, saliency, targets, steps=c.steps, output=c.output, x_axis=c.x_axis,
+                               p=self._p())
+
+    def curve(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
+        """``(fractions (P,), scores (B, P))``."""
+        c = self.config
+        return type(self)._curve(model, images, saliency, targets, steps=c.steps, output=c.output, p=self._p())
+
+
+class Deletion(_CurveMetric):
+    """Deletion (Petsiuk et al., RISE, 2018; abs-cam.txt 4.2; ca-stream.txt section 4 "D").
+
+    The most salient pixels are replaced by the baseline, ``ceil(H*W/steps)`` per step, and the
+    class score (softmax probability by default) is recorded from the unmodified image to the
+    all-baseline image; the result is the area under that curve normalised to [0, 1] on the
+    x axis (so in [0, 1] for probabilities). Lower is better. Each image costs ``steps``
+    perturbed forwards plus one on the unmodified image, batched across images and steps.
+    """
+
+    Config = _DeletionConfig
+    higher_is_better = False
+    _auc, _curve = deletion, deletion_curve
+
+
+class Insertion(_CurveMetric):
+    """Insertion (Petsiuk et al., RISE, 2018; abs-cam.txt 4.2; ca-stream.txt section 4 "I").
+
+    Starting from the baseline image (RISE: blurred), the most salient pixels of the original
+    are restored ``ceil(H*W/steps)`` per step; the result is the normalised area under the class
+    score curve, in [0, 1] for probabilities. Higher is better.
+    """
+
+    Config = _InsertionConfig
+    _auc, _curve = insertion, insertion_curve
+
+
+class _PercentageInConfig(_ScoredConfig):
+    fraction: float = Field(0.25, ge=0.0, le=1.0, description="Fraction of pixels kept (the paper's Table 4 "
+                            "uses 0.05, 0.1, 0.2, 0.25, 0.5; Figure 6 shows 0.25).")
+    percent: bool = Field(True, description="Report the probability x 100 (percent, as Table 4); ignored for "
+                          "output='logit'.")
+
+
+class PercentageIn(_ExplanationMetric):
+    """Percentage in (attention-guided-cam.txt 4.2 and 4.2.3, Table 4).
+
+    The map is turned into a binary mask of its top ``floor(fraction*H*W)`` pixels (1) and the
+    rest (0), multiplied point-wise with the image (the ``"zero"`` baseline, in the model's input
+    space), and the model's score of the class on that image is reported (softmax probability
+    in percent by default). Higher is better.
+    """
+
+    Config = _PercentageInConfig
+
+    def compute(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
+        c = self.config
+        return percentage_in(model, images, saliency, targets, fraction=c.fraction, output=c.output,
+                               percent=c.percent, p=self._p())
+
+
+class _PerturbationAUCConfig(_PerturbationConfig):
+    mode: Literal["positive", "negative"] = Field(
+        "positive", description="'positive': remove the most relevant pixels first (lower AUC is better); "
+        "'negative': the least relevant first (higher is better).")
+    fractions: tuple[float, ...] = Field(
+        CHEFER_FRACTIONS, description="Removed fractions; 0 is the unmodified image (Chefer et al.: 0, 0.1, "
+        "..., 0.9).")
+    score: Literal["accuracy", "probability"] = Field(
+        "accuracy", description="Curve values: top-1 correctness of the class (Chefer et al.) or its probability.")
+    normalize: bool = Field(False, description="Divide the AUC by the fraction span (range [0, 1] instead of "
+                            "[0, 0.9] for the default fractions).")
+    baseline: Literal["zero", "black", "mean", "blur"] = Field(
+        "black", description="Removed pixels are set to 0 in [0, 1] pixel space before normalisation (Chefer et "
+        "al.), i.e. 'black' with the given mean/std.")
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> _PerturbationAUCConfig:
+        f = self.fractions
+        if len(f) < 2 or any(not 0 <= v <= 1 for v in f) or any(b <= a for a, b in zip(f, f[1:])):
+            raise ValueError(f"fractions must be at least two increasing values in [0, 1], got {f}")
+        return self
+
+
+class PerturbationAUC(_ExplanationMetric):
+    """Positive / negative perturbation AUC (Chefer et al., "Transformer Interpretability Beyond
+    Attention Visualization", 2021; vit-lrp-affinitynet.txt 5.2, Table 2).
+
+    Pixels are set to black in order of decreasing (positive) or increasing (negative) relevance,
+    ``floor(f*H*W)`` for each fraction ``f``; the value at each fraction is the top-1 correctness
+    of the class (``targets=None``: the prediction on the unmodified image, "predicted"; class
+    labels: "target"); the per-image result is ``np.trapz(values, fractions)`` as the authors
+    compute it (their tables show the mean x 100). Per-image AUCs average to the AUC of the mean
+    accuracy curve. Ties: stable order, increasing row-major index first, in both modes.
+    """
+
+    Config = _PerturbationAUCConfig
+
+    @property
+    def higher_is_better(self) -> bool:  # type: ignore[override]
+        return self.config.mode == "negative"
+
+    def compute(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
+        c = self.config
+        return perturbation_auc(model, images, saliency, targets, normalize=c.normalize, mode=c.mode,
+                                  fractions=c.fractions, score=c.score, p=self._p())
+
+    def curve(self, model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: Targets = None):
+        """``(fractions (P,), values (B, P))``."""
+        c = self.config
+        return perturbation_curve(model, images, saliency, targets, mode=c.mode, fractions=c.fractions,
+                                    score=c.score, p=self._p())

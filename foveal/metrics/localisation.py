@@ -13,10 +13,15 @@ unmodified; results are on the maps' device.
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
+import torch
+from pydantic import Field
+
+from ..core.config import ComponentConfig
 from ..core.errors import InputError
-from ..core.tensors import check_maps, check_masks, normalize_maps
+from ..core.metric import Metric, PooledMetric
+from ..core.tensors import check_maps, check_masks, float_dtype, normalize_maps
 
 __all__ = [
     "pointing_game", "average_precision", "saliency_segmentation_statistics", "reduce_saliency_segmentation",
@@ -157,3 +162,59 @@ def saliency_segmentation(saliency: torch.Tensor, masks: torch.Tensor, averaging
         "mAP": reduce_saliency_segmentation(stats, "ap", averaging),
         "mIoU": reduce_saliency_segmentation(stats, "miou", averaging),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Localisation
+# ---------------------------------------------------------------------------------------------
+class PointingGame(Metric):
+    """Pointing game (Zhang et al., "Top-down Neural Attention by Excitation Backprop", 2016;
+    abs-cam.txt 4.3, eq. 6: ``Acc = #Hits / (#Hits + #Misses)``).
+
+    ``compute(saliency (B, H, W), masks (B, H, W)) -> (B,)``: 1 if the map's maximum lies within
+    ``tolerance`` pixels (Euclidean, inclusive) of a mask pixel, else 0; NaN (not counted, never
+    a hit) for an empty mask. Equal maxima: the first in row-major order. Only the position of
+    the maximum matters (invariant to strictly increasing transforms). Higher is better.
+    """
+
+    family = "localisation"
+
+    class Config(ComponentConfig):
+        tolerance: float = Field(15.0, ge=0, description="Hit tolerance in pixels at the map's resolution "
+                                 "(Zhang et al.: 15).")
+
+    def compute(self, saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return pointing_game(saliency, masks, self.config.tolerance)
+
+
+class SaliencySegmentation(PooledMetric):
+    """Saliency maps as segmentations (Chefer et al. 2021; vit-lrp-affinitynet.txt 5.2, Table 3).
+
+    Each map is min-max normalised and thresholded at its mean (foreground = map > mean); the
+    chosen ``quantity`` is pixel accuracy, AP (both channels ``1 - map`` / ``map`` ranked
+    together against the one-hot mask, scikit-learn's step-wise AP) or mIoU (mean of the
+    background and foreground IoUs). Chefer et al. pool pixel accuracy and IoU counts over the
+    dataset (``averaging="pooled"``, the default) and average AP per image ("mAP").
+    ``compute(saliency, masks)`` gives per-image values (per-image mIoU averages the classes
+    with a non-empty union). Higher is better; all in [0, 1].
+    """
+
+    family = "localisation"
+    n_statistics = 7
+
+    class Config(ComponentConfig):
+        quantity: Literal["pixel-accuracy", "ap", "miou"] = Field(
+            "miou", description="Which number: 'pixel-accuracy', 'ap' (its mean is mAP) or 'miou'.")
+        averaging: Literal["pooled", "per-image"] = Field(
+            "pooled", description="'pooled': sums of counts over images (Chefer et al.); 'per-image': mean of "
+            "per-image values. AP is always averaged per image.")
+
+    def compute(self, saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        stats = self.statistics(saliency, masks)
+        return _per_image(stats, self.config.quantity).to(float_dtype(saliency))
+
+    def statistics(self, saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return saliency_segmentation_statistics(saliency, masks)
+
+    def reduce(self, statistics: torch.Tensor) -> float:
+        return reduce_saliency_segmentation(statistics, self.config.quantity, self.config.averaging)

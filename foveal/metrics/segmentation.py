@@ -24,11 +24,16 @@ polyp" answer), unlike step 3.
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 
+from ..core.config import ComponentConfig
 from ..core.errors import InputError
-from ..core.tensors import check_maps, check_masks, normalize_maps
+from ..core.metric import Metric, PooledMetric
+from ..core.tensors import check_maps, check_masks, float_dtype, normalize_maps
 
 
 def _pair(pred: torch.Tensor, mask: torch.Tensor, pred_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,3 +126,147 @@ def summarize_curves(
         "iou@0.5": float(iou05.double().mean()),
         "num_images": int(dice_curves.shape[0]),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Components
+# ---------------------------------------------------------------------------------------------
+def _as_prob(predictions: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    masks = check_masks(masks)
+    if not isinstance(predictions, torch.Tensor):
+        raise InputError(f"predictions: expected a torch.Tensor, got {type(predictions).__name__}")
+    if predictions.dim() == 4 and predictions.shape[1] == 1:
+        predictions = predictions[:, 0]
+    if predictions.shape != masks.shape:
+        raise InputError(f"predictions: expected shape {tuple(masks.shape)} to match the masks, got "
+                         f"{tuple(predictions.shape)}")
+    if predictions.dtype != torch.bool:
+        if not predictions.is_floating_point():
+            predictions = predictions.float()
+        if not bool(torch.isfinite(predictions).all()):
+            raise InputError("predictions: expected finite values")
+    return predictions, masks.to(predictions.device)
+
+
+class _OverlapConfig(ComponentConfig):
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Probabilities >= threshold are foreground "
+                             "(bool predictions are used as they are).")
+    empty_value: float = Field(1.0, description="Value when prediction and mask are both empty (per image; "
+                               "pooled: when all are empty). 1.0: a correct empty prediction; NaN: not counted.")
+    averaging: Literal["per-image", "pooled"] = Field(
+        "per-image", description="'per-image': mean of per-image scores (PraNet / Polyp-PVT / RTA-Former); "
+        "'pooled': one score from intersections and sizes summed over all images.")
+
+    @field_validator("empty_value")
+    @classmethod
+    def _empty_in_range(cls, v: float) -> float:
+        if not (v != v or 0.0 <= v <= 1.0):
+            raise ValueError(f"empty_value must be in [0, 1] or NaN, got {v}")
+        return v
+
+
+class _Overlap(PooledMetric):
+    family = "segmentation"
+    n_statistics = 3
+    Config = _OverlapConfig
+    _index: ClassVar[int] = 0
+
+    def _binary(self, predictions: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pred, masks = _as_prob(predictions, masks)
+        return (pred if pred.dtype == torch.bool else pred >= self.config.threshold), masks
+
+    def compute(self, predictions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        pred, gt = self._binary(predictions, masks)
+        values = dice_iou(pred, gt, empty_value=self.config.empty_value)[self._index]
+        return values.to(float_dtype(predictions))
+
+    def statistics(self, predictions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(B, 3) float64: intersection, predicted area, mask area."""
+        pred, gt = self._binary(predictions, masks)
+        return torch.stack([(pred & gt).flatten(1).sum(1), pred.flatten(1).sum(1), gt.flatten(1).sum(1)], 1).double()
+
+
+class Dice(_Overlap):
+    """Dice similarity coefficient ``2|P n G| / (|P| + |G|)`` (rta-former.txt III.B "DICE").
+
+    ``compute(predictions (B, H, W) probabilities or bool, masks (B, H, W)) -> (B,)``, the
+    prediction binarised at ``threshold`` (>=). Both empty: ``empty_value``. ``averaging``:
+    per-image mean (the polyp literature) or pooled over images (``aggregate`` of the
+    statistics). For the 256-threshold protocol use ``mean-dice``. Higher is better.
+    """
+
+    _index = 0
+
+    def reduce(self, statistics: torch.Tensor) -> float:
+        s = statistics.double()
+        if self.config.averaging == "per-image":
+            den = s[:, 1] + s[:, 2]
+            v = torch.where(den > 0, 2 * s[:, 0] / den.clamp_min(1), torch.full_like(den, self.config.empty_value))
+            v = v[~torch.isnan(v)]
+            return float(v.mean()) if v.numel() else float("nan")
+        t = s.sum(0)
+        den = t[1] + t[2]
+        return float(2 * t[0] / den) if den > 0 else float(self.config.empty_value)
+
+
+class IoU(_Overlap):
+    """Intersection over union ``|P n G| / |P u G|`` (Jaccard index; rta-former.txt III.B).
+
+    Same conventions as ``dice`` (threshold >=, ``empty_value`` for empty/empty, per-image or
+    pooled averaging). Per image ``Dice = 2 IoU / (1 + IoU)``. Higher is better.
+    """
+
+    _index = 1
+
+    def reduce(self, statistics: torch.Tensor) -> float:
+        s = statistics.double()
+        if self.config.averaging == "per-image":
+            den = s[:, 1] + s[:, 2] - s[:, 0]
+            v = torch.where(den > 0, s[:, 0] / den.clamp_min(1), torch.full_like(den, self.config.empty_value))
+            v = v[~torch.isnan(v)]
+            return float(v.mean()) if v.numel() else float("nan")
+        t = s.sum(0)
+        den = t[1] + t[2] - t[0]
+        return float(t[0] / den) if den > 0 else float(self.config.empty_value)
+
+
+class _MeanConfig(ComponentConfig):
+    num_thresholds: int = Field(256, ge=2, description="Thresholds evenly spaced on [0, 1] (PraNet: 256, "
+                                "1:-1/255:0 in the MATLAB evaluation).")
+    normalize: bool = Field(True, description="Min-max normalise each prediction to [0, 1] first (PraNet / "
+                            "Polyp-PVT test scripts).")
+
+
+class _MeanOverlap(Metric):
+    family = "segmentation"
+    Config = _MeanConfig
+    _index: ClassVar[int] = 0
+
+    def compute(self, predictions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        prob, gt = _as_prob(predictions, masks)
+        prob = prob.to(float_dtype(prob))
+        curves = threshold_curves(prob, gt, num_thresholds=self.config.num_thresholds,
+                                         normalize=self.config.normalize)[self._index]
+        return curves.mean(1).to(prob.dtype)
+
+
+class MeanDice(_MeanOverlap):
+    """Mean Dice of the polyp-segmentation literature (PraNet, Polyp-PVT; rta-former.txt III.B).
+
+    Per image: Dice at each of ``num_thresholds`` thresholds of the (min-max normalised)
+    prediction, averaged over thresholds; the dataset value is the mean over images
+    (per-image averaging only: the protocol averages per-image curves). Thresholds
+    ``linspace(1, 0, T)``, foreground ``p >= t``; as in PraNet's toolbox a threshold where
+    prediction and mask do not overlap scores 0, also when both are empty (see
+    :mod:`foveal.metrics.segmentation`). Higher is better.
+    """
+
+    _index = 0
+
+
+class MeanIoU(_MeanOverlap):
+    """Mean IoU of the polyp-segmentation literature ("mIoU" in PraNet / RTA-Former tables):
+    IoU averaged over ``num_thresholds`` thresholds per image, then over images (the foreground
+    IoU, not a mean over classes). Higher is better."""
+
+    _index = 1

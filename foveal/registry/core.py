@@ -6,7 +6,6 @@ import difflib
 import importlib
 import inspect
 import os
-import pkgutil
 import re
 import threading
 import warnings
@@ -62,7 +61,7 @@ class Registry:
 
     # --- loading -------------------------------------------------------------------------
     def load(self, *, reload: bool = False) -> None:
-        """Load bundled plugins (every module of ``foveal.plugins``) and, unless restricted by
+        """Load the bundled plugins (the modules listed in ``foveal.plugins.BUNDLED``) and, unless restricted by
         ``FOVEAL_LOAD_PLUGINS`` (comma list of entry-point or distribution names; empty = none),
         every third-party plugin of the entry-point group ``foveal``."""
         with self._lock:
@@ -73,12 +72,9 @@ class Registry:
             self._plugins.clear()
             self._loaded = True
             from .. import __version__
-            from .. import plugins as bundled
+            from ..plugins import BUNDLED
 
-            for mod in sorted(pkgutil.iter_modules(bundled.__path__), key=lambda m: m.name):
-                if mod.name.startswith("_"):
-                    continue
-                qual = f"{bundled.__name__}.{mod.name}"
+            for qual in BUNDLED:
                 self._load_plugin(qual, lambda q=qual: importlib.import_module(q),
                                   BUNDLED_DISTRIBUTION, __version__)
             try:

@@ -23,10 +23,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from ..core.checkpoint import save
 from ..core.errors import InputError
 from ..core.training import MetricsLog, load_training_state, save_training_state, seed_everything
-from ..plugins.affinitynet import AffinityNet
+from ..models.affinitynet import AffinityNet
+from ..registry.checkpoints import save
 
 
 class AffinityTrainConfig(BaseModel):

@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from .. import registry
-from ..core.checkpoint import load, save
 from ..core.errors import InputError
 from ..core.training import (
     MetricsLog,
@@ -43,6 +42,7 @@ from ..core.training import (
     unwrap,
 )
 from ..data.classification import ImageFolderDataset, split_folder
+from ..registry.checkpoints import load, save
 
 
 class ClassifierTrainConfig(BaseModel):
@@ -84,7 +84,7 @@ class ClassifierTrainConfig(BaseModel):
 def build_classifier(cfg: ClassifierTrainConfig, num_classes: int) -> nn.Module:
     """The model to train: from ``init`` (a GAP classifier gets CA-Stream wrapped around it when
     ``pooling="ca-stream"``), else a fresh ``<pooling>-classifier`` of ``model_name``."""
-    from ..plugins.pooling import TimmClassifier, wrap_classifier
+    from ..models.ca_stream import TimmClassifier, wrap_classifier
 
     stream = {"heads": cfg.heads, "single_block": cfg.single_block, "qk_proj": cfg.qk_proj}
     if cfg.init:

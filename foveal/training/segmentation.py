@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from .. import registry
-from ..core.checkpoint import load, load_state, load_weights, save
+from ..core.checkpoint import load_state, load_weights
 from ..core.errors import CheckpointError, InputError
 from ..core.training import (
     MetricsLog,
@@ -55,6 +55,7 @@ from ..core.training import (
 from ..data.images import list_images, read_rgb, to_tensor
 from ..data.polyp import PolypDataset, find_test_sets, train_folder
 from ..metrics.segmentation import dice_iou, summarize_curves, threshold_curves
+from ..registry.checkpoints import load, save
 
 # --- loss --------------------------------------------------------------------------------------
 

@@ -22,17 +22,17 @@ from typing import Any
 
 import torch
 
-from . import __version__, registry
-from .core.explainer import SegmentationTarget
-from .report import Report, plot_curves
-from .viz import grid, heatmap_overlay, mask_overlay, save_image
+from .. import __version__, registry
+from ..core.explainer import SegmentationTarget
+from ..report import Report, plot_curves
+from ..viz import grid, heatmap_overlay, mask_overlay, save_image
 
 CAM_METHODS = ("grad-cam", "grad-cam++", "xgrad-cam", "layer-cam", "smoothgrad-cam++", "score-cam", "abs-cam",
                "abs-cam-init", "attention-guided-cam")
 SEGMENTER_METRICS = ("deletion", "insertion", "average-drop", "average-increase")
 SEGMENTER_LAYER = "decoder.head.0"  # the fused decoder feature (stride 4) in front of the classifier conv
 
-#: The tiny ViT / AffinityNet of the weakly-supervised step (CPU-sized; see foveal.wsss).
+#: The tiny ViT / AffinityNet of the weakly-supervised step (CPU-sized; see foveal.pipelines.wsss).
 WSSS_MODELS = dict(
     vit_kwargs={"patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 3},
     affinity_options={"backbone_options": {"model_name": "test_resnet"}, "levels": [1, 2, 3],
@@ -69,7 +69,7 @@ class Steps:
 def run_demo(out: str | Path = "demo-output", data: str | Path | None = None, quick: bool = False, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
     """Run the six steps; returns a summary dict (also written to ``OUT/summary.json``)."""
-    from .data.polyp import make_synthetic_polyps
+    from ..data.polyp import make_synthetic_polyps
 
     s = SETTINGS["quick" if quick else "full"]
     out = Path(out)
@@ -114,9 +114,9 @@ def run_demo(out: str | Path = "demo-output", data: str | Path | None = None, qu
 
 
 def train_segmenter(data: Path, out: Path, s: dict, seed: int, progress: bool, report: Report) -> dict[str, Any]:
-    from .data.images import read_mask, read_rgb, to_tensor
-    from .data.polyp import find_pairs, find_test_sets
-    from .training.segmentation import evaluate, format_table, predict_probabilities, train
+    from ..data.images import read_mask, read_rgb, to_tensor
+    from ..data.polyp import find_pairs, find_test_sets
+    from ..training.segmentation import evaluate, format_table, predict_probabilities, train
 
     result = train(data=str(data), out=str(out), model="rta-former-t", epochs=s["epochs"], batch_size=8,
                    size=s["size"], scales=[1.0], lr=s["lr"], seed=seed, progress=progress)
@@ -149,8 +149,8 @@ def train_segmenter(data: Path, out: Path, s: dict, seed: int, progress: bool, r
 
 
 def explain_segmenter(model, data: Path, s: dict, progress: bool, report: Report) -> dict[str, Any]:
-    from .data.images import to_uint8
-    from .data.polyp import PolypDataset, find_test_sets
+    from ..data.images import to_uint8
+    from ..data.polyp import PolypDataset, find_test_sets
 
     folder = next(iter(find_test_sets(data).values()))
     ds = PolypDataset(folder, size=s["size"])

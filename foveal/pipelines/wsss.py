@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from . import registry
-from .core.errors import InputError
-from .core.tensors import resolve_device
-from .core.training import seed_everything
-from .data.multiobject import MultiObjectDataset
-from .plugins.affinitynet import background_scores
-from .training.affinity import train_affinitynet
-from .viz import grid, heatmap_overlay, label_overlay, save_image
+from .. import registry
+from ..core.errors import InputError
+from ..core.tensors import resolve_device
+from ..core.training import seed_everything
+from ..data.multiobject import MultiObjectDataset
+from ..refine.seeds import background_scores
+from ..training.affinity import train_affinitynet
+from ..viz import grid, heatmap_overlay, label_overlay, save_image
 
 
 class WSSSConfig(BaseModel):

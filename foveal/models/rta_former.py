@@ -56,13 +56,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..core.backbone import build_backbone
 from ..core.config import ComponentConfig
 from ..core.decoder import Decoder
 from ..core.errors import InputError
 from ..core.model import Model
 from ..core.tensors import check_images
-from ..registry import hookimpl
+from .backbones import build_backbone
 
 Variant = Literal["none", "hfs", "ra", "rta"]
 
@@ -332,10 +331,3 @@ class RTAFormer(Model):
 
 
 SIZES = {"t": ("pvt-v2-b0", 1), "s": ("pvt-v2-b2", 1), "m": ("pvt-v2-b4", 2), "l": ("pvt-v2-b5", 2)}
-
-
-@hookimpl
-def register_components(register):
-    for size, (backbone, depth) in SIZES.items():
-        register(f"rta-former-{size}", RTAFormer, backbone=backbone, hfs_depth=depth)
-    register("rta-former-decoder", RTAFormerDecoder)

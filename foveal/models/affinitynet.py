@@ -38,61 +38,23 @@ Registered: ``affinitynet`` (refiner).
 
 from __future__ import annotations
 
-import warnings
-from functools import lru_cache
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..core.backbone import build_backbone
 from ..core.config import ComponentConfig
-from ..core.errors import FovealError, InputError
+from ..core.errors import InputError
 from ..core.modules import preserved_model_state
 from ..core.refiner import Refiner
 from ..core.tensors import check_images
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD, to_uint8
-from ..registry import hookimpl
-
-IGNORE = 255
-#: psa ``crf_inference``: iterations, Gaussian (sxy, compat), bilateral (sxy, srgb, compat)
-CRF_PARAMS = {"iterations": 10, "gaussian": (3, 3), "bilateral": (80, 13, 10)}
-
-
-# --- pairs within a radius ----------------------------------------------------------------------
-
-@lru_cache(maxsize=16)
-def pair_offsets(radius: int) -> tuple[tuple[int, int], ...]:
-    """Offsets (dy, dx) to the partners of a position at distance ``0 < d < radius``, each
-    unordered pair once (psa ``search_dist``): (0, 1..r-1), then dy = 1..r-1 for every dx."""
-    r = int(radius)
-    if r < 2:
-        raise InputError(f"radius must be at least 2, got {radius}")
-    out = [(0, dx) for dx in range(1, r)]
-    out += [(dy, dx) for dy in range(1, r) for dx in range(-r + 1, r) if dx * dx + dy * dy < r * r]
-    return tuple(out)
-
-
-def _partners(x: torch.Tensor, radius: int, fill: float) -> list[torch.Tensor]:
-    """For every offset (dy, dx): ``out[..., y, x] = x[..., y + dy, x + dx]``, ``fill`` outside."""
-    r = radius - 1
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (r, r, 0, r), value=fill)
-    return [padded[..., dy : dy + h, r + dx : r + dx + w] for dy, dx in pair_offsets(radius)]
-
-
-@lru_cache(maxsize=16)
-def _valid(size: tuple[int, int], radius: int) -> torch.Tensor:
-    ones = torch.ones(1, *size)
-    return torch.cat(_partners(ones, radius, 0.0)).bool()
-
-
-def pair_valid(size: tuple[int, int], radius: int, device=None) -> torch.Tensor:
-    """(P, h, w) bool: the partner ``(y + dy, x + dx)`` of offset p lies inside the map."""
-    return _valid(tuple(int(s) for s in size), int(radius)).to(device)
+from ..refine.pairs import IGNORE, pair_valid, partners
+from ..refine.random_walk import random_walk
+from ..refine.seeds import affinity_label_map, background_scores
+from .backbones import build_backbone
 
 
 def pair_affinities(features: torch.Tensor, radius: int) -> torch.Tensor:
@@ -100,7 +62,7 @@ def pair_affinities(features: torch.Tensor, radius: int) -> torch.Tensor:
     leaving the map are 0 (see :func:`pair_valid`)."""
     if features.dim() != 4:
         raise InputError(f"features: expected (B, D, h, w), got shape {tuple(features.shape)}")
-    dist = torch.stack([(features - other).abs().mean(1) for other in _partners(features, radius, 0.0)], 1)
+    dist = torch.stack([(features - other).abs().mean(1) for other in partners(features, radius, 0.0)], 1)
     valid = pair_valid(features.shape[-2:], radius, features.device)
     return torch.exp(-dist) * valid
 
@@ -108,7 +70,7 @@ def pair_affinities(features: torch.Tensor, radius: int) -> torch.Tensor:
 def pair_labels(labels: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Background-positive, foreground-positive and negative pair labels (B, P, h, w) float from
     a label map (B, h, w) (0 = background, c + 1 = class c, :data:`IGNORE` = neutral)."""
-    other = torch.stack(_partners(labels, radius, IGNORE), 1)
+    other = torch.stack(partners(labels, radius, IGNORE), 1)
     labels = labels[:, None]
     valid = (labels != IGNORE) & (other != IGNORE)
     same = (labels == other) & valid
@@ -126,117 +88,6 @@ def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor,
     parts = {"bg_loss": float(bg.detach()), "fg_loss": float(fg.detach()), "neg_loss": float(ng.detach()),
              "bg_count": float(counts[0]), "fg_count": float(counts[1]), "neg_count": float(counts[2])}
     return loss, parts
-
-
-# --- labels from seeds ----------------------------------------------------------------------------
-
-def background_scores(seeds: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``[(1 - max_c M_c)^alpha, M_1, ..., M_K]``: (B, K + 1, H, W)."""
-    bg = (1 - seeds.amax(1, keepdim=True)).clamp(min=0) ** alpha
-    return torch.cat([bg, seeds], 1)
-
-
-def dense_crf(image: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Dense-CRF marginals (C, H, W) of ``scores`` (C, H, W) on a uint8 RGB image (H, W, 3), with
-    the psa parameters :data:`CRF_PARAMS`. Needs the optional ``pydensecrf2`` package."""
-    try:
-        import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import unary_from_softmax
-    except ImportError as e:
-        raise FovealError(
-            "affinitynet: crf=True needs the optional dense-CRF package pydensecrf2 (import name "
-            "pydensecrf): pip install 'foveal[crf]' or pip install pydensecrf2. Without it use crf=False, "
-            "the CRF-free default: confident regions are the argmax of the alpha-adjusted seeds."
-        ) from e
-    c, h, w = scores.shape
-    d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(scores.astype(np.float32))))
-    sxy, compat = CRF_PARAMS["gaussian"]
-    d.addPairwiseGaussian(sxy=sxy, compat=compat)
-    sxy, srgb, compat = CRF_PARAMS["bilateral"]
-    d.addPairwiseBilateral(sxy=sxy, srgb=srgb, rgbim=np.ascontiguousarray(image), compat=compat)
-    return np.asarray(d.inference(CRF_PARAMS["iterations"]), dtype=np.float32).reshape(c, h, w)
-
-
-def affinity_label_map(
-    seeds: torch.Tensor, size: tuple[int, int], *, alpha_low: float = 4, alpha_high: float = 32,
-    crf: bool = False, images: np.ndarray | None = None,
-) -> torch.Tensor:
-    """Label map (B, h, w) int64 at the feature grid ``size`` from seeds (B, K, H, W) in [0, 1]:
-    foreground class + 1 where the ``alpha_low`` argmax is foreground, 0 where the ``alpha_high``
-    argmax is background, :data:`IGNORE` elsewhere and where no score is positive. ``crf`` needs
-    ``images`` (B, H, W, 3) uint8."""
-    maps = []
-    for alpha in (alpha_low, alpha_high):
-        scores = background_scores(seeds, alpha)
-        if crf:
-            if images is None:
-                raise InputError("affinity_label_map: crf=True needs the uint8 images")
-            scores = torch.stack([torch.from_numpy(dense_crf(im, s.detach().cpu().double().numpy()))
-                                  for im, s in zip(images, scores)]).to(seeds)
-        maps.append(F.interpolate(scores, size=size, mode="area"))
-    low, high = maps
-    label = low.argmax(1)
-    label[label == 0] = IGNORE
-    label[high.argmax(1) == 0] = 0
-    label[low.amax(1) < 1e-5] = IGNORE
-    return label
-
-
-# --- random walk -----------------------------------------------------------------------------------
-
-@lru_cache(maxsize=8)
-def _pair_index(h: int, w: int, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat indices (from, to) of the valid pairs and their position in the (P, h, w) layout."""
-    valid = pair_valid((h, w), radius)
-    p, y, x = valid.nonzero(as_tuple=True)
-    offsets = torch.tensor(pair_offsets(radius))
-    src = y * w + x
-    dst = (y + offsets[p, 0]) * w + (x + offsets[p, 1])
-    flat = (p * h + y) * w + x
-    return src, dst, flat
-
-
-def transition_pairs(aff: torch.Tensor, beta: float, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sparse ``T = A^beta / column sums`` of one image's affinities (P, h, w): (rows, cols, values),
-    with both directions of every pair and the diagonal (affinity 1)."""
-    h, w = aff.shape[-2:]
-    src, dst, flat = (t.to(aff.device) for t in _pair_index(h, w, radius))
-    a = aff.reshape(-1)[flat] ** beta
-    n = h * w
-    diag = torch.arange(n, device=aff.device)
-    rows = torch.cat([src, dst, diag])
-    cols = torch.cat([dst, src, diag])
-    vals = torch.cat([a, a, torch.ones(n, dtype=aff.dtype, device=aff.device)])
-    colsum = torch.zeros(n, dtype=aff.dtype, device=aff.device).index_add_(0, cols, vals)
-    return rows, cols, vals / colsum[cols]
-
-
-def random_walk(aff: torch.Tensor, scores: torch.Tensor, *, beta: float = 8, steps: int = 256,
-                radius: int = 5, method: Literal["squaring", "sparse"] = "squaring") -> torch.Tensor:
-    """``vec(scores) T^steps`` per image: affinities (B, P, h, w), scores (B, C, h, w) -> (B, C, h, w)."""
-    b, c, h, w = scores.shape
-    n = h * w
-    out = []
-    for i in range(b):
-        rows, cols, vals = transition_pairs(aff[i], beta, radius)
-        vec = scores[i].reshape(c, n)
-        if method == "squaring":
-            t = torch.zeros(n, n, dtype=aff.dtype, device=aff.device)
-            t[rows, cols] = vals
-            out.append(vec @ torch.linalg.matrix_power(t, steps))
-        elif method == "sparse":
-            tt = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (n, n), check_invariants=True).coalesce()
-            with warnings.catch_warnings():  # "sparse CSR support is in beta"; CSR products are 2-3x faster
-                warnings.simplefilter("ignore", UserWarning)
-                tt = tt.to_sparse_csr()
-            v = vec.T.contiguous()
-            for _ in range(steps):
-                v = tt @ v
-            out.append(v.T)
-        else:
-            raise InputError(f"random walk method must be 'squaring' or 'sparse', got {method!r}")
-    return torch.stack(out).reshape(b, c, h, w)
 
 
 # --- the refiner -----------------------------------------------------------------------------------
@@ -368,8 +219,3 @@ class AffinityNet(Refiner):
                              method=cfg.walk)
         walked = F.interpolate(walked, size=images.shape[-2:], mode="bilinear", align_corners=False).clamp(min=0)
         return walked / walked.sum(1, keepdim=True).clamp(min=1e-12)
-
-
-@hookimpl
-def register_components(register):
-    register("affinitynet", AffinityNet, aliases=("affinity-net", "psa"))

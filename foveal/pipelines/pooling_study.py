@@ -19,13 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import registry
-from .core.checkpoint import load
-from .core.errors import InputError
-from .data.classification import ImageFolderDataset, make_synthetic_classes, split_folder
-from .data.images import to_uint8
-from .plugins.pooling import TimmClassifier, wrap_classifier
-from .viz import grid, heatmap_overlay, save_image
+from .. import registry
+from ..core.errors import InputError
+from ..data.classification import ImageFolderDataset, make_synthetic_classes, split_folder
+from ..data.images import to_uint8
+from ..models.ca_stream import TimmClassifier, wrap_classifier
+from ..registry.checkpoints import load
+from ..viz import grid, heatmap_overlay, save_image
 
 METHODS = ("grad-cam", "grad-cam++", "score-cam")
 METRICS = ("average-drop", "average-gain", "average-increase", "insertion", "deletion")

@@ -82,7 +82,6 @@ independent float64 re-derivation on a tiny ViT (``tests/test_vit_lrp.py``).
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -99,10 +98,9 @@ from ..core.config import ComponentConfig
 from ..core.errors import InputError
 from ..core.explainer import Explainer, Targets, target_scores
 from ..core.modules import resolve_layer
-from ..registry import hookimpl
+from .tokens import token_grid
 
 Tensor = torch.Tensor
-
 
 # --- relevance rules as autograd functions ---------------------------------------------------
 
@@ -481,25 +479,6 @@ def _prefix_tokens(owner: nn.Module, override: int | None) -> int:
     return n
 
 
-def _grid(owner: nn.Module, n: int, size: tuple[int, int]) -> tuple[int, int]:
-    """(rows, cols) of ``n`` patch tokens for an input of ``size``."""
-    pe = getattr(owner, "patch_embed", None)
-    candidates = []
-    if pe is not None and getattr(pe, "grid_size", None) is not None:
-        candidates.append(tuple(int(g) for g in pe.grid_size))
-    if pe is not None and hasattr(pe, "dynamic_feat_size"):
-        try:
-            candidates.append(tuple(int(g) for g in pe.dynamic_feat_size(size)))
-        except Exception:  # noqa: BLE001 - only a guess
-            pass
-    rows = max(1, round(math.sqrt(n * size[0] / size[1])))
-    candidates.append((rows, n // rows))
-    for g in candidates:
-        if g[0] * g[1] == n:
-            return g
-    raise InputError(f"vit-lrp: cannot arrange {n} patch tokens in a grid for an input of size {size}")
-
-
 @contextmanager
 def _traced(model: nn.Module, blocks: nn.Module, hooks: list, state: _State, lrp: bool) -> Iterator[_Tracer]:
     """Fused attention off, block hooks on, the tracing mode active; all undone on exit."""
@@ -595,12 +574,12 @@ class ViTExplainer(Explainer):
                 state.mode = "lrp"
                 relevance = list(torch.autograd.grad(output, attention, seed))
         n = attention[0].shape[-1]
-        grid = _grid(owner, n - prefix, tuple(images.shape[-2:]))
+        grid = token_grid(owner, n - prefix, tuple(images.shape[-2:]))
         attention = [a.detach() for a in attention]
         return _Traced(attention, grads, relevance, prefix, grid)
 
 
-def _rollout(layers: list[Tensor], start: int, normalise: bool) -> Tensor:
+def rollout(layers: list[Tensor], start: int, normalise: bool) -> Tensor:
     """Product over blocks ``start..L-1`` of ``A_b + I`` (rows normalised if asked), (B, N, N)."""
     if not 0 <= start < len(layers):
         raise InputError(f"start_layer={start} out of range for a model with {len(layers)} blocks")
@@ -612,100 +591,3 @@ def _rollout(layers: list[Tensor], start: int, normalise: bool) -> Tensor:
             a = a / a.sum(dim=-1, keepdim=True)
         joint = a if joint is None else a.bmm(joint)
     return joint
-
-
-class TransformerAttribution(ViTExplainer):
-    """Chefer et al. (CVPR 2021) transformer attribution (``vit-lrp-affinitynet.txt`` section 4.2,
-    column "Target paper" of Tables 2 and 3): LRP relevance of every block's attention (alpha1-
-    beta0 linears, normalised z-rule for additions and products, identity for norms/activations/
-    softmax) times its gradient, positive part averaged over heads, rolled out with the identity
-    from ``start_layer``; the class-token row over the patches is the map. See the module
-    docstring for the generic rule installation and the fidelity check against the authors'
-    code."""
-
-    need_grads = need_relevance = True
-
-    class Config(ViTExplainer.Config):
-        start_layer: int = Field(0, ge=0, description="First block of the rollout (0 in the paper).")
-        eps: float = Field(1e-9, ge=0, description="Stabiliser of LRP denominators (authors' safe_divide).")
-        alpha: float = Field(1.0, ge=1, description="alpha of the alpha-beta rule of linear layers "
-                             "(beta = alpha - 1); the paper uses 1.")
-
-    def attribute(self, model, images, targets, hooks):
-        t = self.trace(model, images, targets, hooks)
-        cams = [(g * r).clamp(min=0).mean(dim=1) for g, r in zip(t.grads, t.relevance)]
-        return t.to_map(_rollout(cams, self.config.start_layer, normalise=False)[:, 0])
-
-
-class AttentionRollout(ViTExplainer):
-    """Attention rollout (Abnar & Zuidema, ACL 2020), column "rollout" of Tables 2/3: head-mean
-    attention plus identity, rows normalised, multiplied from ``start_layer``; class row.
-    Class-agnostic (``targets`` are ignored)."""
-
-    class Config(ViTExplainer.Config):
-        start_layer: int = Field(0, ge=0, description="First block of the rollout.")
-
-    def attribute(self, model, images, targets, hooks):
-        t = self.trace(model, images, targets, hooks)
-        layers = [a.mean(dim=1) for a in t.attention]
-        return t.to_map(_rollout(layers, self.config.start_layer, normalise=True)[:, 0])
-
-
-class _LastBlock(ViTExplainer):
-    class Config(ViTExplainer.Config):
-        layer: int = Field(-1, description="Block whose attention is used (-1 = last, as in the paper).")
-
-    def pick(self, layers: list[Tensor]) -> Tensor:
-        i = self.config.layer
-        if not -len(layers) <= i < len(layers):
-            raise InputError(f"layer={i} out of range for a model with {len(layers)} blocks")
-        return layers[i]
-
-
-class RawAttention(_LastBlock):
-    """Raw attention (column "raw attention" of Tables 2/3): the last block's attention
-    probabilities averaged over heads, class-token row. Class-agnostic."""
-
-    def attribute(self, model, images, targets, hooks):
-        t = self.trace(model, images, targets, hooks)
-        return t.to_map(self.pick(t.attention).mean(dim=1)[:, 0])
-
-
-class AttentionGradCAM(_LastBlock):
-    """Grad-CAM on the last block's attention (column "GradCAM" of Tables 2/3, the authors'
-    ``generate_cam_attn``): class-row attention of each head times that head's class-row
-    gradient averaged over the patch tokens, mean over heads, positive part."""
-
-    need_grads = True
-
-    def attribute(self, model, images, targets, hooks):
-        t = self.trace(model, images, targets, hooks)
-        attn = self.pick(t.attention)[:, :, 0, t.prefix:]
-        grad = self.pick(t.grads)[:, :, 0, t.prefix:]
-        cam = (attn * grad.mean(dim=-1, keepdim=True)).mean(dim=1).clamp(min=0)
-        return cam.reshape(cam.shape[0], *t.grid)
-
-
-class PartialLRP(_LastBlock):
-    """Partial LRP (Voita et al., ACL 2019; column "partial LRP" of Tables 2/3): the last block's
-    attention relevance (same propagation as ``vit-lrp``), positive part averaged over heads,
-    class-token row."""
-
-    need_relevance = True
-
-    class Config(_LastBlock.Config):
-        eps: float = Field(1e-9, ge=0, description="Stabiliser of LRP denominators (authors' safe_divide).")
-        alpha: float = Field(1.0, ge=1, description="alpha of the alpha-beta rule (beta = alpha - 1).")
-
-    def attribute(self, model, images, targets, hooks):
-        t = self.trace(model, images, targets, hooks)
-        return t.to_map(self.pick(t.relevance).clamp(min=0).mean(dim=1)[:, 0])
-
-
-@hookimpl
-def register_components(register):
-    register("vit-lrp", TransformerAttribution, aliases=("transformer-attribution",))
-    register("attention-rollout", AttentionRollout, aliases=("rollout",))
-    register("raw-attention", RawAttention, aliases=("vit-raw-attention",))
-    register("attn-grad-cam", AttentionGradCAM, aliases=("attention-grad-cam",))
-    register("partial-lrp", PartialLRP)
