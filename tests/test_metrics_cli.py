@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from foveal.cli import main
-from foveal.cli.metrics import parse_spec
+from foveal.cli.options import parse_spec
 
 
 @pytest.fixture

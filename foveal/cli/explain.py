@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..core.errors import InputError
+from .options import load_model
 
 HELP = """\
 Explain a model's predictions on images with one or more explainers and write PNGs:
@@ -36,41 +37,6 @@ def add_commands(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity (default 0.5)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_explain)
-
-
-def load_model(spec: str, weights: str | None = None, num_classes: int | None = None):
-    """A model from a foveal checkpoint path, a registry model name, or a timm name (random init)."""
-    import torch
-
-    from .. import registry
-    from ..core.checkpoint import load_weights, read_state_dict
-    from ..registry.checkpoints import load
-
-    path = Path(spec)
-    if path.is_file():
-        if weights:
-            raise InputError("--weights applies to timm model names, not to a foveal checkpoint")
-        model = load(path)
-        if not isinstance(model, torch.nn.Module):
-            raise InputError(f"{path} holds a {getattr(model, 'kind', type(model).__name__)}, not a model")
-        return model
-    if registry.has(spec) and registry.entry(spec).kind == "model":
-        if weights:
-            raise InputError("--weights applies to timm model names; save registry models with foveal.save")
-        return registry.build(spec)
-    import timm
-
-    if not timm.is_model(spec):
-        close = timm.list_models(f"*{spec}*")[:5]
-        hint = f"; timm models containing it: {', '.join(close)}" if close else ""
-        raise InputError(f"--model {spec!r} is not a file, a registry model or a timm model name{hint}")
-    kwargs = {"pretrained": False}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    model = timm.create_model(spec, **kwargs)
-    if weights:
-        load_weights(model, read_state_dict(weights), source=weights)
-    return model
 
 
 def cmd_explain(args) -> int:

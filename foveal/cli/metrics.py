@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import InputError
+from .options import build_component, load_model, parse_spec  # noqa: F401 (parse_spec: public here too)
 
 DESCRIPTION = """\
 Score saliency explainers on images with chosen metrics.
@@ -57,70 +58,6 @@ def _raw_formatter():
     return argparse.RawDescriptionHelpFormatter
 
 
-# ---------------------------------------------------------------------------------------------
-# Parsing
-# ---------------------------------------------------------------------------------------------
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name:k=v,k2=[1,2]"`` -> ``("name", {"k": v, "k2": [1, 2]})`` (JSON values when they parse)."""
-    name, _, rest = spec.partition(":")
-    name = name.strip()
-    if not name:
-        raise InputError(f"component spec {spec!r}: expected NAME or NAME:key=value,...")
-    opts: dict[str, Any] = {}
-    depth, start, parts = 0, 0, []
-    for i, ch in enumerate(rest):
-        if ch in "[({":
-            depth += 1
-        elif ch in "])}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(rest[start:i])
-            start = i + 1
-    parts.append(rest[start:])
-    for part in (p.strip() for p in parts):
-        if not part:
-            continue
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip():
-            raise InputError(f"component spec {spec!r}: option {part!r} is not key=value")
-        try:
-            opts[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            opts[key.strip()] = value.strip()
-    return name, opts
-
-
-def load_model(spec: str, weights: str | None = None):
-    """A model from a checkpoint path, a registered model spec, or ``timm:NAME``."""
-    import torch
-
-    from .. import registry
-    from ..core.checkpoint import load_weights, read_state_dict
-    from ..registry.checkpoints import load
-
-    path = Path(spec)
-    if path.is_file():
-        model = load(path)
-    elif spec.startswith("timm:"):
-        import timm
-
-        name, opts = parse_spec(spec[len("timm:"):])
-        model = timm.create_model(name, pretrained=False, **opts)
-        if weights:
-            load_weights(model, read_state_dict(weights), source=str(weights))
-    else:
-        name, opts = parse_spec(spec)
-        if not registry.has(name):
-            raise InputError(f"--model {spec!r}: not a file, not a registered model, and not timm:NAME")
-        model = registry.build(name, **opts)
-    if weights and not spec.startswith("timm:"):
-        raise InputError("--weights applies to timm: models; foveal checkpoints and registered models carry "
-                         "their own weights options")
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"--model {spec!r}: expected a model (nn.Module), got {type(model).__name__}")
-    return model
-
-
 def _collect_images(items: list[str]) -> list[Path]:
     from ..data.images import IMAGE_SUFFIXES, list_images
 
@@ -156,7 +93,6 @@ def cmd_evaluate_explanations(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .. import registry
     from ..data.images import read_mask, read_rgb, to_tensor
 
     size = tuple(args.size) * 2 if len(args.size) == 1 else tuple(args.size)
@@ -172,8 +108,8 @@ def cmd_evaluate_explanations(args) -> int:
     if masks_dir is not None and not masks_dir.is_dir():
         raise FileNotFoundError(f"--masks: folder not found: {masks_dir}")
 
-    methods = {spec: _build(registry, spec, "explainer") for spec in args.method}
-    metrics = {spec: _build(registry, spec, "metric") for spec in args.metric}
+    methods = {spec: build_component(spec, "explainer") for spec in args.method}
+    metrics = {spec: build_component(spec, "metric") for spec in args.metric}
     needs_masks = [s for s, m in metrics.items() if m.family in ("localisation", "segmentation")]
     if needs_masks and masks_dir is None:
         raise InputError(f"metrics {', '.join(needs_masks)} compare maps with ground truth: pass --masks DIR")
@@ -247,15 +183,6 @@ def cmd_evaluate_explanations(args) -> int:
     print(results_markdown(results, metrics, len(paths)))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
     return 0
-
-
-def _build(registry, spec: str, kind: str):
-    name, opts = parse_spec(spec)
-    entry = registry.entry(name)
-    if entry.kind != kind:
-        raise InputError(f"{spec!r} is a {entry.kind}, expected a registered {kind} "
-                         f"(see `foveal list --kind {kind}`)")
-    return registry.build(name, **opts)
 
 
 def _json_float(v: float) -> float | None:

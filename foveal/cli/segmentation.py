@@ -5,8 +5,9 @@ Distributed training: ``torchrun --nproc_per_node 2 -m foveal train DATA --out r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .options import parse_assignments
 
 
 def add_commands(sub) -> None:
@@ -67,25 +68,10 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_make_synthetic)
 
 
-def _overrides(items: list[str]) -> dict:
-    from ..core.errors import InputError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value  # bare strings: --set variant=ra
-    return out
-
-
 def cmd_train(args) -> int:
     from ..training.segmentation import evaluate, format_table, train, write_json
 
-    options = _overrides(args.set)
+    options = parse_assignments(args.set)
     if args.backbone_weights:
         options["backbone_weights"] = args.backbone_weights
     result = train(

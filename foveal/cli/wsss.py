@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-
-
-def _json(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {e}") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
+from .options import json_object
 
 
 def add_commands(sub) -> None:
@@ -32,13 +21,13 @@ def add_commands(sub) -> None:
     p.add_argument("--classes", type=int, default=3, help="object classes (1-8)")
     p.add_argument("--max-objects", type=int, default=3)
     p.add_argument("--vit", default="vit_tiny_patch16_224", help="timm ViT of the classifier")
-    p.add_argument("--vit-kwargs", type=_json, default=None,
+    p.add_argument("--vit-kwargs", type=json_object, default=None,
                    help='JSON of extra timm arguments, e.g. \'{"patch_size": 8, "depth": 4}\'')
     p.add_argument("--cls-epochs", type=int, default=30)
     p.add_argument("--explainer", default="vit-lrp", help="seed explainer (vit-lrp, attention-rollout, ...)")
     p.add_argument("--aff-epochs", type=int, default=8)
     p.add_argument("--aff-lr", type=float, default=0.1)
-    p.add_argument("--affinity", type=_json, default=None,
+    p.add_argument("--affinity", type=json_object, default=None,
                    help='JSON of affinitynet overrides, e.g. \'{"crf": true, "walk": "squaring"}\'')
     p.add_argument("--examples", type=int, default=6, help="images in OUT/examples.png")
     p.add_argument("--seed", type=int, default=0)
