@@ -19,7 +19,8 @@ become zeros.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -111,15 +112,17 @@ class CAMBase(Explainer):
         return resolve_layer(model, name)
 
     # --- capture --------------------------------------------------------------------------
-    def capture(
-        self, model: nn.Module, images: torch.Tensor, targets: Targets, hooks: list, *, gradients: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """One forward (and, with ``gradients``, one ``autograd.grad`` to the layer output).
+    @contextmanager
+    def recorded(
+        self, model: nn.Module, images: torch.Tensor, hooks: list, *, gradients: bool
+    ) -> Iterator[tuple[nn.Module, torch.Tensor, Any]]:
+        """One forward with a hook on the target layer; yields ``(layer, t, output)`` where ``t`` is
+        the raw layer output: a detached leaf that requires grad (``gradients``; the model's
+        output is then a function of it, recorded from the layer on only) or a detached clone.
 
-        Returns ``(A, G, output)``: activations and gradients as (B, C, h, w) grids (``G`` is None
-        without ``gradients``) and the model output (detached). With ``gradients`` the forward runs
-        without autograd up to the target layer and records the graph only from the layer on, so
-        it costs less than a plain forward with gradients enabled.
+        The forward runs under ``torch.no_grad``; with ``gradients`` the hook switches grad mode
+        on at the layer, so nothing upstream of it is recorded (cheaper than a plain forward
+        with gradients). The block body runs in that mode (use ``torch.autograd.grad`` there).
         """
         layer = self.find_layer(model, images)
         store: list[torch.Tensor] = []
@@ -133,45 +136,71 @@ class CAMBase(Explainer):
             if not gradients:
                 store.append(t.detach().clone())  # clone: later in-place ops must not change it
                 return None
-            torch.set_grad_enabled(True)  # record the graph from here on only (see below)
+            torch.set_grad_enabled(True)  # record the graph from here on only
             leaf = t.detach().requires_grad_(True)
             store.append(leaf)
-            out = leaf.clone()  # the model may modify its layer output in place (x += identity)
-            if isinstance(output, tuple):
-                return (out, *output[1:])
-            if isinstance(output, list):
-                return [out, *output[1:]]
-            return out
+            return replace_output(output, leaf.clone())  # the model may modify it in place (x += identity)
 
         handle = layer.register_forward_hook(hook)
         hooks.append(handle)  # removed by explain() whatever happens; also removed below when done
         try:
-            if gradients:
-                # Upstream of the layer no graph is needed: run without grad and let the hook
-                # switch grad mode on at the layer (the context restores the caller's mode).
-                with torch.no_grad():
-                    output = model(images)
-                    if not store:
-                        raise InputError(f"target layer {type(layer).__name__} did not run during the forward pass")
-                    scores = target_scores(output, targets)
-                    (grad,) = torch.autograd.grad(scores.sum(), store[-1], allow_unused=True)
-            else:
-                with torch.no_grad():
-                    output = model(images)
-                grad = None
+            with torch.no_grad():
+                output = model(images)
+                if not store:
+                    raise InputError(f"target layer {type(layer).__name__} did not run during the forward pass")
+                yield layer, store[-1], output
         finally:
             handle.remove()
-        if not store:
-            raise InputError(f"target layer {type(layer).__name__} did not run during the forward pass")
-        act = self.grid(store[-1].detach(), model, images, layer)
+
+    def capture(
+        self, model: nn.Module, images: torch.Tensor, targets: Targets, hooks: list, *, gradients: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One forward (and, with ``gradients``, one ``autograd.grad`` to the layer output).
+
+        Returns ``(A, G, output)``: activations and gradients as (B, C, h, w) grids (``G`` is None
+        without ``gradients``) and the model output (detached). With ``gradients`` the forward runs
+        without autograd up to the target layer and records the graph only from the layer on, so
+        it costs less than a plain forward with gradients enabled.
+        """
+        with self.recorded(model, images, hooks, gradients=gradients) as (layer, t, output):
+            grad = None
+            if gradients:
+                scores = target_scores(output, targets)
+                (grad,) = torch.autograd.grad(scores.sum(), t, allow_unused=True)
+                self._check_used(grad, layer)
+        act = self.grid(t.detach(), model, images, layer)
         if not gradients:
             return act, None, output
+        return act, self.grid(grad, model, images, layer), output.detach()
+
+    def capture_hvp(
+        self, model: nn.Module, images: torch.Tensor, targets: Targets, hooks: list
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like :meth:`capture` with gradients, plus the Hessian-vector product ``H A`` of the
+        target score with respect to the layer output (``H = d^2 y / dA^2``, the vector being the
+        activation itself), by double back-propagation from the layer on. Returns ``(A, G, HA,
+        output)`` as grids; ``HA`` is exactly zero where the score is linear in ``A`` (the gradient
+        does not depend on ``A``, e.g. ReLU networks scored by a logit)."""
+        with self.recorded(model, images, hooks, gradients=True) as (layer, t, output):
+            scores = target_scores(output, targets)
+            (grad,) = torch.autograd.grad(scores.sum(), t, create_graph=True, allow_unused=True)
+            self._check_used(grad, layer)
+            hvp = None
+            if grad.requires_grad:
+                (hvp,) = torch.autograd.grad(grad, t, grad_outputs=t.detach(), allow_unused=True)
+            if hvp is None:
+                hvp = torch.zeros_like(t)
+        g = self.grid(grad.detach(), model, images, layer)
+        return self.grid(t.detach(), model, images, layer), g, self.grid(hvp.detach(), model, images, layer), \
+            output.detach()
+
+    @staticmethod
+    def _check_used(grad: torch.Tensor | None, layer: nn.Module) -> None:
         if grad is None:
             raise InputError(
                 f"the target score does not depend on the target layer {type(layer).__name__}; "
                 "choose a layer the output is computed from"
             )
-        return act, self.grid(grad, model, images, layer), output.detach()
 
     def grid(self, t: torch.Tensor, model: nn.Module, images: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """Layer output -> (B, C, h, w): ``reshape`` if given, 4-D as is, 3-D tokens to a grid."""
@@ -191,13 +220,26 @@ class CAMBase(Explainer):
         )
 
     def check_input(self, model: nn.Module, images: torch.Tensor) -> None:
-        """Channel count against the model's first convolution (clearer than a conv error)."""
-        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        if conv is not None and images.shape[1] != conv.in_channels:
-            raise InputError(
-                f"images: the model's first convolution expects {conv.in_channels} channels in dim 1 "
-                f"(B, C, H, W), got a tensor of shape {tuple(images.shape)}"
-            )
+        check_model_channels(model, images)
+
+
+def check_model_channels(model: nn.Module, images: torch.Tensor) -> None:
+    """Channel count against the model's first convolution (clearer than a conv error)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and images.shape[1] != conv.in_channels:
+        raise InputError(
+            f"images: the model's first convolution expects {conv.in_channels} channels in dim 1 "
+            f"(B, C, H, W), got a tensor of shape {tuple(images.shape)}"
+        )
+
+
+def replace_output(output: Any, t: torch.Tensor) -> Any:
+    """``output`` with its first tensor replaced by ``t`` (tuple and list outputs keep the rest)."""
+    if isinstance(output, tuple):
+        return (t, *output[1:])
+    if isinstance(output, list):
+        return [t, *output[1:]]
+    return t
 
 
 # --- targets of perturbed inputs --------------------------------------------------------------
