@@ -241,9 +241,12 @@ class AblationCAM(CAMBase):
     ``w_k = (y^c - y^c_k) / y^c``, map ``ReLU(sum_k w_k A^k)``.
 
     Every ablation is one forward of the image with the target layer's output replaced (a
-    forward hook) by the recorded activations with channel k zeroed, in chunks of
-    ``batch_size`` ablated copies across the whole batch; targets are pinned to the clean
-    prediction (``targets=None``: its top class / predicted region). Exact shortcut: a channel
+    forward hook) by the recorded activations with channel k zeroed, in chunks of up to
+    ``batch_size`` copies of one image; the reference score ``y^c`` comes from the same kind of
+    forward (recorded activations, nothing zeroed) in the image's first chunk, so the drops are
+    free of batch-size-dependent float noise and an image's map does not depend on the rest of
+    the batch. Targets are pinned to the clean prediction (``targets=None``: its top class /
+    predicted region). Exact shortcut: a channel
     whose map is all zero is not ablated (zeroing it changes nothing, and ``A^k = 0`` adds
     nothing to the map). ViT token outputs (B, N, D) are ablated along D for every token (as
     pytorch-grad-cam's ``AblationLayerVit``); with a ``reshape`` function the channel axis is the
@@ -266,10 +269,17 @@ class AblationCAM(CAMBase):
         a = self.grid(raw, model, images, layer)
         fixed = fixed_targets(output, targets)
         b, c = a.shape[:2]
-        base = target_scores(output, fixed).to(a.dtype)
         axis = self.channel_axis(raw, c)
-        jobs = a.flatten(2).ne(0).any(2).nonzero()  # (J, 2): image, channel of every non-zero map
-        ablated = base[:, None].repeat(1, c)
+        live = a.flatten(2).ne(0).any(2)  # (B, C): channels with a non-zero map
+        # jobs per image: channel -1 (nothing ablated: the reference score) then every live channel;
+        # chunks never mix images, so an image's scores do not depend on the rest of the batch
+        bs = self.config.batch_size
+        chunks: list[list[tuple[int, int]]] = []
+        for i in range(b):
+            per = [-1, *live[i].nonzero()[:, 0].tolist()]
+            chunks += [[(i, k) for k in per[j : j + bs]] for j in range(0, len(per), bs)]
+        n_jobs = sum(len(chunk) for chunk in chunks)
+        scores = a.new_zeros((b, c + 1))  # column c: the unablated score
         replacement: list[torch.Tensor] = []
 
         def hook(module: nn.Module, args: Any, out: Any) -> Any:
@@ -278,22 +288,25 @@ class AblationCAM(CAMBase):
         handle = layer.register_forward_hook(hook)
         hooks.append(handle)
         shape = [1] * raw.dim()
-        bs = self.config.batch_size
         try:
-            with torch.no_grad(), tqdm(total=len(jobs), disable=not self.config.progress or len(jobs) <= bs,
+            with torch.no_grad(), tqdm(total=n_jobs, disable=not self.config.progress or len(chunks) <= 1,
                                        desc=f"{self.registry_name or type(self).__name__}: ablations",
                                        unit="fwd", leave=False) as bar:
-                for j in range(0, len(jobs), bs):
-                    rows, chans = jobs[j : j + bs, 0], jobs[j : j + bs, 1]
-                    keep = torch.ones((len(rows), c), dtype=raw.dtype, device=raw.device)
-                    keep[torch.arange(len(rows)), chans.to(raw.device)] = 0
-                    shape[0], shape[axis] = len(rows), c
-                    replacement[:] = [raw[rows.to(raw.device)] * keep.view(shape)]
+                for chunk in chunks:
+                    rows = torch.tensor([i for i, _ in chunk])
+                    chans = torch.tensor([k for _, k in chunk])
+                    keep = torch.ones((len(chunk), c + 1), dtype=raw.dtype, device=raw.device)
+                    keep[torch.arange(len(chunk)), chans.to(raw.device)] = 0  # -1: the spare last column
+                    shape[0], shape[axis] = len(chunk), c
+                    replacement[:] = [raw[rows.to(raw.device)] * keep[:, :c].reshape(shape)]
                     out = model(images[rows.to(images.device)])
-                    ablated[rows, chans] = target_scores(out, target_rows(fixed, rows.tolist())).to(a.dtype)
-                    bar.update(len(rows))
+                    scores[rows, torch.where(chans < 0, c, chans)] = target_scores(
+                        out, target_rows(fixed, rows.tolist())).to(a.dtype)
+                    bar.update(len(chunk))
         finally:
             handle.remove()
+        base = scores[:, c]
+        ablated = torch.where(live, scores[:, :c], base[:, None])
         scale = base.abs()
         w = (base[:, None] - ablated) / torch.where(scale > 0, scale, 1)[:, None]
         return F.relu((w[..., None, None] * a).sum(1))
