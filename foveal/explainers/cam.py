@@ -180,8 +180,11 @@ class CAMBase(Explainer):
         target score with respect to the layer output (``H = d^2 y / dA^2``, the vector being the
         activation itself), by double back-propagation from the layer on. Returns ``(A, G, HA,
         output)`` as grids; ``HA`` is exactly zero where the score is linear in ``A`` (the gradient
-        does not depend on ``A``, e.g. ReLU networks scored by a logit)."""
-        with self.recorded(model, images, hooks, gradients=True) as (layer, t, output):
+        does not depend on ``A``, e.g. ReLU networks scored by a logit). Attention runs with
+        PyTorch's math kernel here (the fused scaled-dot-product kernels have no double backward)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]), self.recorded(model, images, hooks, gradients=True) as (layer, t, output):
             scores = target_scores(output, targets)
             (grad,) = torch.autograd.grad(scores.sum(), t, create_graph=True, allow_unused=True)
             self._check_used(grad, layer)
