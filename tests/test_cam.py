@@ -19,11 +19,17 @@ from foveal.explainers.gradient_cams import GradCAM
 from foveal.testing import _hook_count, check_component, check_explainer
 
 METHODS = ["grad-cam", "grad-cam++", "xgrad-cam", "layer-cam", "smoothgrad-cam++", "score-cam", "abs-cam",
-           "abs-cam-init", "attention-guided-cam"]
-QUIET = {"score-cam": {"progress": False}, "abs-cam": {"progress": False}, "smoothgrad-cam++": {"n_samples": 2}}
+           "abs-cam-init", "attention-guided-cam", "hirescam", "shapley-cam", "finer-cam", "ablation-cam", "eigen-cam",
+           "kpca-cam", "grad-x-input", "integrated-gradients", "smoothgrad"]
+QUIET = {"score-cam": {"progress": False}, "abs-cam": {"progress": False}, "ablation-cam": {"progress": False},
+         "smoothgrad-cam++": {"n_samples": 2}, "smoothgrad": {"n_samples": 4}, "integrated-gradients": {"steps": 8}}
+INPUT_SPACE = {"grad-x-input", "integrated-gradients", "smoothgrad"}  # no target layer
+PERTURBATION = {"score-cam", "abs-cam", "ablation-cam"}  # one forward per channel
 
 
 def build(name: str, **kw):
+    if name in INPUT_SPACE:
+        kw.pop("target_layer", None)
     return registry.build(name, **{**QUIET.get(name, {}), **kw})
 
 
@@ -76,7 +82,7 @@ def seg():
 @pytest.mark.parametrize("name", METHODS)
 def test_contract_resnet_vit_segmentation(name, resnet, vit, seg):
     # score-weighted methods run one forward per channel: one small image and a 128-channel layer
-    scored = name in ("score-cam", "abs-cam")
+    scored = name in PERTURBATION
     x = torch.randn((1, 3, 32, 32) if scored else (2, 3, 64, 64), generator=torch.Generator().manual_seed(0))
     layer = "layer2" if scored else "layer3"
     resnet.train()  # the explainer must evaluate in eval mode and restore train mode
@@ -96,8 +102,20 @@ def test_contract_resnet_vit_segmentation(name, resnet, vit, seg):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_batch_independent_and_deterministic(name, resnet):
+    """An image's map does not depend on the other images of the batch, and repeats exactly."""
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    e = build(name, target_layer="layer2" if name in PERTURBATION else "layer3")
+    maps = e.explain(resnet, x, [0, 2, 4])
+    assert torch.equal(maps, e.explain(resnet, x, [0, 2, 4]))
+    for i in range(3):
+        alone = e.explain(resnet, x[i : i + 1], [[0, 2, 4][i]])
+        assert torch.allclose(alone, maps[i : i + 1], atol=1e-5), f"{name}: image {i} depends on the batch"
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_component_config_and_checkpoint(name):
-    check_component(name, target_layer="layer4")
+    check_component(name, **({} if name in INPUT_SPACE else {"target_layer": "layer4"}))
 
 
 def test_vit_tokens_reshaped_and_prefix_dropped(vit):
@@ -167,17 +185,24 @@ def trained():
     return model, x, y, pos
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_pointing_game_on_trained_cnn(name, trained):
+# SmoothGrad's default |gradient| saliency is a weak localiser on this GAP model: the gradient
+# magnitude barely depends on where the square is (0.55-0.58 with 4 or 50 samples); its signed
+# positive part points at the square every time (second case).
+POINTING = [(name, {}, 0.5 if name == "smoothgrad" else 0.85) for name in METHODS] + [
+    ("smoothgrad", {"absolute": False, "reduction": "positive"}, 0.85)]
+
+
+@pytest.mark.parametrize("name,kw,bar", POINTING)
+def test_pointing_game_on_trained_cnn(name, kw, bar, trained):
     model, x, y, pos = trained
-    maps = build(name, target_layer="features").explain(model, x, y)
+    maps = build(name, target_layer="features", **kw).explain(model, x, y)
     hits = 0
     for i in range(len(x)):
         r, c = divmod(int(maps[i].argmax()), 32)
         r0, c0 = pos[i].tolist()
         hits += (r0 - 2 <= r < r0 + 8) and (c0 - 2 <= c < c0 + 8)  # the square with a 2 px margin
     chance = 100 / 1024
-    assert hits / len(x) >= 0.85, f"{name}: pointing accuracy {hits / len(x):.2f} (chance {chance:.2f})"
+    assert hits / len(x) >= bar, f"{name}: pointing accuracy {hits / len(x):.2f} (chance {chance:.2f})"
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -195,7 +220,8 @@ def test_input_errors(resnet):
         e.explain(resnet, torch.randn(1, 1, 32, 32))
     with pytest.raises(InputError, match="out of range"):
         e.explain(resnet, x, 7)
-    for name in ("score-cam", "abs-cam", "smoothgrad-cam++"):
+    for name in ("score-cam", "abs-cam", "smoothgrad-cam++", "ablation-cam", "finer-cam", "shapley-cam", "eigen-cam",
+                 "kpca-cam"):
         with pytest.raises(InputError, match="out of range"):
             build(name, target_layer="layer4").explain(resnet, x, 5)
     with pytest.raises(InputError, match="layer4"):
