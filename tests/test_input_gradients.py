@@ -148,3 +148,14 @@ def test_contract_targets_and_errors(model, images, name):
         e.explain(model, images[:, :1])
     with pytest.raises(InputError, match="4-D"):
         e.explain(model, images[0])
+
+
+def test_bad_targets_raise_input_errors(model, images):
+    for name in ("integrated-gradients", "smoothgrad"):
+        e = registry.build(name, **({"steps": 2} if name == "integrated-gradients" else {"n_samples": 2}))
+        with pytest.raises(InputError, match="expected 3 targets"):
+            e.explain(model, images, [1, 2])
+        with pytest.raises(InputError, match="int tensor"):
+            e.explain(model, images, torch.tensor([1.0, 2.0, 3.0]))
+        with pytest.raises(InputError, match="out of range"):
+            e.explain(model, images, torch.tensor([1, 2, 9]))

@@ -78,10 +78,28 @@ class InputGradientExplainer(Explainer):
         return grad, output.detach()
 
     def clean_targets(self, model: nn.Module, images: torch.Tensor, targets: Targets) -> Any:
-        """Targets pinned to the clean prediction (validated there)."""
-        with torch.no_grad():
-            output = model(images)
-        return fixed_targets(output, targets)
+        """``targets=None`` pinned to the clean input's prediction (one forward without
+        gradients); class indices as a list of B ints; other targets unchanged (callables and
+        :class:`~foveal.core.SegmentationTarget` are applied to each evaluated output, as in the
+        score-weighted CAMs). Class ranges are checked on the first evaluated batch."""
+        if targets is None:
+            with torch.no_grad():
+                output = model(images)
+            return fixed_targets(output, targets)
+        if isinstance(targets, int):
+            return [targets] * images.shape[0]
+        b = images.shape[0]
+        if isinstance(targets, torch.Tensor):
+            if targets.is_floating_point() or targets.dim() > 1:
+                raise InputError(f"targets: expected an int tensor of shape ({b},), got {tuple(targets.shape)} "
+                                 f"{targets.dtype}")
+            if targets.dim() == 0:
+                return [int(targets)] * b
+        elif callable(targets):
+            return targets
+        if len(targets) != b:
+            raise InputError(f"targets: expected {b} targets (one per image), got {len(targets)}")
+        return targets
 
 
 class GradientXInput(InputGradientExplainer):
