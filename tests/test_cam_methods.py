@@ -334,3 +334,32 @@ def test_kpca_linear_kernel_is_eigen_cam(resnet, images):
     assert torch.allclose(a, b, atol=1e-4)
     assert not np.allclose(a.numpy(), registry.build("kpca-cam", target_layer="layer3").explain(resnet, images).numpy(),
                            atol=1e-3)
+
+
+# --- CUDA (skipped without a GPU; tests/test_cuda.py covers the older explainers) -----------------
+
+NEW = ["hirescam", "shapley-cam", "finer-cam", "ablation-cam", "eigen-cam", "kpca-cam", "grad-x-input",
+       "integrated-gradients", "smoothgrad"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", NEW + ["abs-cam", "smoothgrad-cam++"])
+def test_on_cuda_equal_cpu_float64(name):
+    from foveal.testing import check_explainer
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=5).eval().double()
+    perturbation = name in ("ablation-cam", "abs-cam")
+    x = torch.randn((1, 3, 32, 32) if perturbation else (2, 3, 64, 64), dtype=torch.float64)
+    kw = {"progress": False} if perturbation else {}
+    if name not in ("grad-x-input", "integrated-gradients", "smoothgrad"):
+        kw["target_layer"] = "layer2" if perturbation else "layer3"
+    kw.update({"smoothgrad": {"n_samples": 4}, "integrated-gradients": {"steps": 8},
+               "smoothgrad-cam++": {"n_samples": 2}}.get(name, {}))
+    out = []
+    for dev in ("cpu", "cuda"):
+        maps = check_explainer(registry.build(name, **kw), model.to(dev), x.to(dev), [3, 1][: len(x)])
+        assert maps.device.type == dev and maps.dtype == torch.float64
+        out.append(maps.cpu())
+    model.cpu()
+    torch.testing.assert_close(out[1], out[0], rtol=1e-7, atol=1e-7)
