@@ -296,7 +296,7 @@ class AblationCAM(CAMBase):
                     rows = torch.tensor([i for i, _ in chunk])
                     chans = torch.tensor([k for _, k in chunk])
                     keep = torch.ones((len(chunk), c + 1), dtype=raw.dtype, device=raw.device)
-                    keep[torch.arange(len(chunk), device=raw.device), chans.to(raw.device)] = 0  # -1: the spare last column
+                    keep[torch.arange(len(chunk), device=raw.device), chans.to(raw.device)] = 0  # -1: spare column
                     shape[0], shape[axis] = len(chunk), c
                     replacement[:] = [raw[rows.to(raw.device)] * keep[:, :c].reshape(shape)]
                     out = model(images[rows.to(images.device)])
