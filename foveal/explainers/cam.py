@@ -115,10 +115,11 @@ class CAMBase(Explainer):
     @contextmanager
     def recorded(
         self, model: nn.Module, images: torch.Tensor, hooks: list, *, gradients: bool
-    ) -> Iterator[tuple[nn.Module, torch.Tensor, Any]]:
-        """One forward with a hook on the target layer; yields ``(layer, t, output)`` where ``t`` is
-        the raw layer output: a detached leaf that requires grad (``gradients``; the model's
-        output is then a function of it, recorded from the layer on only) or a detached clone.
+    ) -> Iterator[tuple[nn.Module, torch.Tensor, Any, bool]]:
+        """One forward with a hook on the target layer; yields ``(layer, t, output, plain)`` where
+        ``t`` is the raw layer output (its first element for tuple / list outputs, ``plain`` is
+        False then): a detached leaf that requires grad (``gradients``; the model's output is then
+        a function of it, recorded from the layer on only) or a detached clone.
 
         The forward runs under ``torch.no_grad``; with ``gradients`` the hook switches grad mode
         on at the layer, so nothing upstream of it is recorded (cheaper than a plain forward
@@ -126,8 +127,10 @@ class CAMBase(Explainer):
         """
         layer = self.find_layer(model, images)
         store: list[torch.Tensor] = []
+        plain: list[bool] = []
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            plain.append(isinstance(output, torch.Tensor))
             t = output[0] if isinstance(output, (tuple, list)) else output
             if not isinstance(t, torch.Tensor):
                 raise InputError(
@@ -148,7 +151,7 @@ class CAMBase(Explainer):
                 output = model(images)
                 if not store:
                     raise InputError(f"target layer {type(layer).__name__} did not run during the forward pass")
-                yield layer, store[-1], output
+                yield layer, store[-1], output, plain[-1]
         finally:
             handle.remove()
 
@@ -162,7 +165,7 @@ class CAMBase(Explainer):
         without autograd up to the target layer and records the graph only from the layer on, so
         it costs less than a plain forward with gradients enabled.
         """
-        with self.recorded(model, images, hooks, gradients=gradients) as (layer, t, output):
+        with self.recorded(model, images, hooks, gradients=gradients) as (layer, t, output, _):
             grad = None
             if gradients:
                 scores = target_scores(output, targets)
@@ -184,7 +187,8 @@ class CAMBase(Explainer):
         PyTorch's math kernel here (the fused scaled-dot-product kernels have no double backward)."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel([SDPBackend.MATH]), self.recorded(model, images, hooks, gradients=True) as (layer, t, output):
+        with sdpa_kernel([SDPBackend.MATH]), \
+                self.recorded(model, images, hooks, gradients=True) as (layer, t, output, _):
             scores = target_scores(output, targets)
             (grad,) = torch.autograd.grad(scores.sum(), t, create_graph=True, allow_unused=True)
             self._check_used(grad, layer)

@@ -4,7 +4,8 @@ them by the score drop when they are removed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -262,9 +263,7 @@ class AblationCAM(CAMBase):
         progress: bool = Field(True, description="Show a tqdm progress bar when more than one chunk is needed.")
 
     def compute(self, model: nn.Module, images: torch.Tensor, targets: Targets, hooks: list) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
-        with self.recorded(model, images, hooks, gradients=False) as (layer, raw, output):
+        with self.recorded(model, images, hooks, gradients=False) as (layer, raw, output, output_is_tensor):
             pass
         a = self.grid(raw, model, images, layer)
         fixed = fixed_targets(output, targets)
@@ -281,35 +280,60 @@ class AblationCAM(CAMBase):
         n_jobs = sum(len(chunk) for chunk in chunks)
         scores = a.new_zeros((b, c + 1))  # column c: the unablated score
         replacement: list[torch.Tensor] = []
-
-        def hook(module: nn.Module, args: Any, out: Any) -> Any:
-            return replace_output(out, replacement[0])
-
-        handle = layer.register_forward_hook(hook)
-        hooks.append(handle)
-        shape = [1] * raw.dim()
-        try:
-            with torch.no_grad(), tqdm(total=n_jobs, disable=not self.config.progress or len(chunks) <= 1,
-                                       desc=f"{self.registry_name or type(self).__name__}: ablations",
-                                       unit="fwd", leave=False) as bar:
-                for chunk in chunks:
-                    rows = torch.tensor([i for i, _ in chunk])
-                    chans = torch.tensor([k for _, k in chunk])
-                    keep = torch.ones((len(chunk), c + 1), dtype=raw.dtype, device=raw.device)
-                    keep[torch.arange(len(chunk), device=raw.device), chans.to(raw.device)] = 0  # -1: spare column
-                    shape[0], shape[axis] = len(chunk), c
-                    replacement[:] = [raw[rows.to(raw.device)] * keep[:, :c].reshape(shape)]
-                    out = model(images[rows.to(images.device)])
-                    scores[rows, torch.where(chans < 0, c, chans)] = target_scores(
-                        out, target_rows(fixed, rows.tolist())).to(a.dtype)
-                    bar.update(len(chunk))
-        finally:
-            handle.remove()
+        with self.replaced_layer(layer, output_is_tensor, replacement, hooks):
+            self._ablate(model, images, raw, a, fixed, chunks, n_jobs, axis, replacement, scores)
         base = scores[:, c]
         ablated = torch.where(live, scores[:, :c], base[:, None])
         scale = base.abs()
         w = (base[:, None] - ablated) / torch.where(scale > 0, scale, 1)[:, None]
         return F.relu((w[..., None, None] * a).sum(1))
+
+    @staticmethod
+    @contextmanager
+    def replaced_layer(layer: nn.Module, output_is_tensor: bool, replacement: list, hooks: list) -> Iterator[None]:
+        """While active, the target layer's output is ``replacement[0]``. A layer returning a
+        plain tensor is not even run (its ``forward`` is shadowed by an instance attribute, as
+        pytorch-grad-cam swaps in its ablation layer; removed on exit, even on exceptions);
+        otherwise a forward hook replaces the first element of its output."""
+        if output_is_tensor:
+            had = "forward" in layer.__dict__
+            saved = layer.__dict__.get("forward")
+            layer.forward = lambda *args, **kwargs: replacement[0]
+            try:
+                yield
+            finally:
+                if had:
+                    layer.forward = saved
+                else:
+                    del layer.forward
+            return
+        handle = layer.register_forward_hook(lambda module, args, out: replace_output(out, replacement[0]))
+        hooks.append(handle)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _ablate(self, model: nn.Module, images: torch.Tensor, raw: torch.Tensor, a: torch.Tensor, fixed: Any,
+                chunks: list, n_jobs: int, axis: int, replacement: list, scores: torch.Tensor) -> None:
+        from tqdm.auto import tqdm
+
+        c = a.shape[1]
+        shape = [1] * raw.dim()
+        with torch.no_grad(), tqdm(total=n_jobs, disable=not self.config.progress or len(chunks) <= 1,
+                                   desc=f"{self.registry_name or type(self).__name__}: ablations",
+                                   unit="fwd", leave=False) as bar:
+            for chunk in chunks:
+                rows = torch.tensor([i for i, _ in chunk])
+                chans = torch.tensor([k for _, k in chunk])
+                keep = torch.ones((len(chunk), c + 1), dtype=raw.dtype, device=raw.device)
+                keep[torch.arange(len(chunk), device=raw.device), chans.to(raw.device)] = 0  # -1: spare column
+                shape[0], shape[axis] = len(chunk), c
+                replacement[:] = [raw[rows.to(raw.device)] * keep[:, :c].reshape(shape)]
+                out = model(images[rows.to(images.device)])
+                scores[rows, torch.where(chans < 0, c, chans)] = target_scores(
+                    out, target_rows(fixed, rows.tolist())).to(a.dtype)
+                bar.update(len(chunk))
 
     def channel_axis(self, raw: torch.Tensor, c: int) -> int:
         """Axis of the raw layer output holding the C channels of the grid."""
