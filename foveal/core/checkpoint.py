@@ -7,16 +7,35 @@
 * :func:`read_state_dict`: third-party weight files (``.safetensors``; ``.pth``/``.pt``/``.bin``
   through ``torch.load(weights_only=True)``).
 
-Every write goes to a temporary file in the target folder and is renamed into place, so an
-interrupted write never leaves a half-written checkpoint under the final name.
+Atomic writes (:func:`atomic_save_file`, :func:`atomic_write_bytes`): everything is written inside
+a temporary folder ``.<name>.<host>.<pid>.<token>.tmp`` next to the target (safetensors >= 0.6
+writes through a temporary file of its own, which therefore lands in that folder too), then the
+file is renamed into place, so an interrupted write never leaves a half-written file under the
+final name. The file gets the permissions a plain ``open()`` gives under the umask (the mode of a
+file created with mode 0o666 in the temporary folder), not the 0600 of ``mkstemp``.
+
+A write killed mid-way (SIGKILL, power loss) leaves its temporary folder behind. Every later
+write of the same target, and every resume (:func:`remove_stale_temp_files`), removes the
+temporary folders of that target whose writer is gone: written on this host by a process id that
+no longer exists (or by this very process, outside any write in progress); written on another
+host (a shared file system), or under the name earlier foveal versions gave them
+(``.<name>.XXXXXXXX.tmp``, from ``mkstemp``, without a process id), once untouched for
+:data:`STALE_AFTER_SECONDS`. Nothing else is ever removed (in particular not the ``.tmpXXXXXX``
+files that safetensors itself left next to checkpoints written by earlier foveal versions: their
+names do not say who wrote them).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Mapping
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +47,115 @@ from .errors import CheckpointError
 
 FORMAT = "foveal.checkpoint/1"
 STATE_FORMAT = "foveal.state/1"
+#: A temporary write folder of another host (or with no process id) older than this is stale.
+STALE_AFTER_SECONDS = 3600.0
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_WRITING: set[str] = set()  # temporary folders of this process's writes in progress
+_TEMP_NAME = re.compile(r"(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})\.tmp")
+_LEGACY_TEMP_NAME = re.compile(r"[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, owned by someone else; other errors: assume alive
+        return True
+    return True
+
+
+def _is_stale(entry: Path, rest: str, now: float) -> bool:
+    match = _TEMP_NAME.fullmatch(rest)
+    if match and match["host"] == _HOST:
+        pid = int(match["pid"])
+        if pid == os.getpid():
+            return entry.name not in _WRITING
+        return not _pid_alive(pid)
+    if match or _LEGACY_TEMP_NAME.fullmatch(rest):
+        try:
+            return now - entry.lstat().st_mtime > STALE_AFTER_SECONDS
+        except FileNotFoundError:
+            return False
+    return False
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files/folders that interrupted atomic writes of ``path`` left behind
+    (see the module docstring for when one counts as stale); returns what was removed."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    now = time.time()
+    for entry in path.parent.iterdir():
+        if not entry.name.startswith(prefix) or not _is_stale(entry, entry.name[len(prefix):], now):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:  # removed concurrently
+            continue
+        removed.append(entry)
+    return removed
+
+
+@contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a fresh file path (created empty, mode as ``open()`` gives it) inside this write's
+    own temporary folder; on success it is fsynced and renamed to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path)
+    folder = path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    _WRITING.add(folder.name)
+    try:
+        folder.mkdir()
+        target = folder / path.name
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = target.stat().st_mode & 0o7777
+        yield target
+        os.chmod(target, mode)  # safetensors creates its file with 0600
+        with open(target, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(target, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        _WRITING.discard(folder.name)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """``safetensors.torch.save_file`` through a temporary file renamed into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with _atomic_target(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return path
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write ``data`` to ``path`` through a temporary file renamed into place."""
+    path = Path(path)
+    with _atomic_target(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
     return path
 
 
