@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import foveal
 from foveal import registry
@@ -272,3 +272,36 @@ def test_resume_removes_stale_temporary_files_first(tmp_path):
     run = TrainingRun(tmp_path, epochs=2, resume=True, device="cpu", progress=False)
     assert run.start(model) == 1
     assert not stale.exists()
+
+
+# --- files foveal.load cannot use: one line each ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["w.pth", "w.pt", "w.safetensors"])  # the suffix does not matter
+def test_a_pytorch_file_is_not_a_foveal_checkpoint(tmp_path, name):
+    path = tmp_path / name
+    torch.save({"state_dict": {"a": torch.zeros(2)}}, path)
+    with pytest.raises(CheckpointError) as info:
+        foveal.load(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert "not a foveal checkpoint" in message and "PyTorch" in message
+    assert "read_state_dict" in message and "backbone_weights=" in message and "--weights" in message
+    assert torch.equal(read_state_dict(path)["a"], torch.zeros(2))  # what the message recommends works
+    legacy = tmp_path / f"legacy-{name}"
+    torch.save({"a": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)  # plain pickle
+    with pytest.raises(CheckpointError, match="PyTorch file .*not a foveal checkpoint"):
+        foveal.load(legacy)
+
+
+def test_a_config_field_from_a_newer_version_is_named(tmp_path):
+    path = foveal.save(small_backbone(), tmp_path / "b.safetensors")
+    tensors, meta = load_file(path), read_metadata(path)
+    config = {**json.loads(meta["config"]), "future_option": 3}
+    save_file(tensors, tmp_path / "new.safetensors", metadata={**meta, "config": json.dumps(config),
+                                                               "foveal_version": "9.0.0"})
+    with pytest.raises(CheckpointError) as info:
+        foveal.load(tmp_path / "new.safetensors")
+    message = str(info.value)
+    assert "\n" not in message and "'future_option'" in message and "'timm-backbone'" in message
+    assert "newer foveal" in message and "9.0.0" in message and foveal.__version__ in message

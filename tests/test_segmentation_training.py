@@ -233,3 +233,22 @@ def test_ddp_two_cpu_processes_keep_identical_replicas(small_data, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in log)
     # each process takes half of each global batch: 4 images / batch 4 = 1 step per epoch
     assert log[0]["steps"] == 1
+
+
+def test_load_model_names_an_unknown_config_field_of_a_training_state(tmp_path):
+    from foveal import registry
+    from foveal.core.errors import CheckpointError
+    from foveal.core.training import save_training_state
+
+    model = registry.build("rta-former-t", width=16)
+    config = {**model.config.model_dump(mode="json"), "future_option": 1}
+    save_training_state(tmp_path / "last.safetensors", model=model, epoch=1,
+                        extra={"model": "rta-former-t", "model_config": config})
+    with pytest.raises(CheckpointError, match="'future_option' .*'rta-former-t' does not know: written by a newer"):
+        load_model(tmp_path / "last.safetensors")
+    # a state that recorded an initial weights file rebuilds without it (the file may be gone)
+    save_training_state(tmp_path / "old.safetensors", model=model, epoch=1, extra={
+        "model": "rta-former-t", "model_config": {**model.config.model_dump(mode="json"),
+                                                  "backbone_weights": str(tmp_path / "gone.pth")}})
+    again = load_model(tmp_path / "old.safetensors")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())

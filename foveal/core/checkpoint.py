@@ -159,12 +159,39 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     return path
 
 
+PLAIN_WEIGHTS_HINT = (
+    "read plain weights with foveal.core.checkpoint.read_state_dict(path), or pass the file as the "
+    "weights of the model you build: backbone_weights= / --backbone-weights for registered models, "
+    "weights= / --weights for timm models"
+)
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """``"safetensors"``, ``"torch"`` (a ``torch.save`` zip archive or legacy pickle) or
+    ``"unknown"``, from the first bytes of the file (not its suffix)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    if head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    return "unknown"
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a PyTorch ``.pth``/``.pt`` file or anything
+    else that is not safetensors raises :class:`CheckpointError` saying what to use instead."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"expected a checkpoint file, got a directory: {path}")
+    if file_format(path) == "torch":
+        raise CheckpointError(
+            f"{path} is a PyTorch file (torch.save zip/pickle), not a foveal checkpoint (a safetensors "
+            f"file written by foveal.save); {PLAIN_WEIGHTS_HINT}"
+        )
     try:
         from safetensors import safe_open
 
@@ -173,9 +200,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
-            f"{path} is not a readable safetensors file (corrupt or truncated?): {e}"
+            f"{path} is not a foveal checkpoint: not a readable safetensors file (corrupt or truncated?): "
+            f"{_one_line(e)}; foveal.load reads files written by foveal.save, read_state_dict() plain weight files"
         ) from e
     return tensors, metadata
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:300] + " ..."
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -192,6 +225,22 @@ def check_format(path: Any, meta: Mapping[str, str], expected: str) -> None:
         raise CheckpointError(
             f"{path} is a safetensors file but not a foveal checkpoint (expected format "
             f"{expected!r}, found {what}); for plain weight files use read_state_dict()"
+        )
+
+
+def check_config_fields(config_cls: Any, config: Mapping[str, Any], *, component: str, source: Any,
+                        versions: str = "") -> None:
+    """Raise a one-line :class:`CheckpointError` when a saved ``config`` has fields that
+    ``config_cls`` (the installed component's pydantic Config) does not declare, instead of
+    pydantic's validation error; ``versions`` (e.g. "checkpoint: foveal 0.3, installed: 0.1") is
+    added to the message."""
+    known = getattr(config_cls, "model_fields", {})
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise CheckpointError(
+            f"{source}: the saved config of {component!r} has field(s) {', '.join(map(repr, unknown))} that the "
+            f"installed {component!r} does not know: written by a newer foveal or plugin"
+            f"{f' ({versions})' if versions else ''}? Upgrade it, or read the weights alone with read_state_dict()"
         )
 
 
@@ -216,10 +265,7 @@ def load_weights(
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {_short(shapes)}")
         raise CheckpointError(f"{source} does not fit {type(component).__name__}: " + "; ".join(parts))
-    if isinstance(component, torch.nn.Module):
-        component.load_state_dict(dict(state), strict=strict)
-    else:
-        component.load_state_dict(dict(state), strict=strict)
+    component.load_state_dict(dict(state), strict=strict)
 
 
 def _short(items: list[str], n: int = 12) -> str:
@@ -227,21 +273,22 @@ def _short(items: list[str], n: int = 12) -> str:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a plain weight file: safetensors, or a ``.pth``/``.pt``/``.bin`` with
-    ``torch.load(weights_only=True)`` (never unpickling arbitrary objects). A top-level
+    """Read a plain weight file: safetensors, or a ``.pth``/``.pt``/``.bin`` (recognised by its
+    content) with ``torch.load(weights_only=True)`` (never unpickling arbitrary objects). A top-level
     ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is unwrapped."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
+    if file_format(path) != "torch":  # safetensors (any suffix), or an error naming the file
         tensors, _ = read_checkpoint(path)
         return tensors
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load goes by content, not by suffix
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt/unsafe pickles
         raise CheckpointError(
             f"{path} could not be read with torch.load(weights_only=True) (corrupt, truncated, or "
-            f"it contains pickled objects other than tensors): {e}"
+            f"it contains pickled objects other than tensors): {_one_line(e)}"
         ) from e
     for key in ("state_dict", "model", "model_state"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from .. import registry
-from ..core.checkpoint import load_state, load_weights
+from ..core.checkpoint import check_config_fields, load_state, load_weights
 from ..core.errors import CheckpointError, InputError
 from ..core.training import TrainingRun, seed_everything
 from ..data.images import list_images, read_rgb, to_tensor
@@ -237,7 +237,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         extra = state.get("extra") or {}
         if "model" not in extra:
             raise CheckpointError(f"{path}: training state without the model name; cannot rebuild the model") from None
+        cls = registry.entry(extra["model"]).cls
         config = extra.get("model_config", {})
+        check_config_fields(cls.Config, config, component=extra["model"], source=path)
+        # initial weight files do not matter (the state's tensors replace them) and may be gone
+        config = {k: v for k, v in config.items() if k not in cls.checkpoint_exclude}
         model = registry.build(extra["model"], **config)
         load_weights(model, state["model"], source=str(path))
         return model.to(device)
