@@ -308,6 +308,16 @@ def test_voc_reader_masks_and_labels_as_written(tmp_path):
     assert np.array_equal(labels_from_mask(np.array([[0, 255, 3], [3, 20, 0]])), expected)
 
 
+def test_voc_labels_come_from_the_full_mask_not_the_crop(tmp_path):
+    write_voc(tmp_path, n_train=1, n_val=1, n_aug=0)
+    label_map = np.zeros((40, 56), np.uint8)
+    label_map[10:30, 0:4], label_map[12:28, 20:36] = 7, 15  # the car lies outside the centre crop
+    write_voc_palette_png(tmp_path / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "2007_000039.png", label_map)
+    item = VOCDataset(tmp_path, "val", size=40, resize="resize-crop")[0]
+    assert set(item["mask"].unique().tolist()) == {0, 15}
+    assert torch.nonzero(item["labels"]).flatten().tolist() == [6, 14]
+
+
 def test_voc_list_file_path_and_workers(tmp_path):
     write_voc(tmp_path, n_train=3, n_val=2, n_aug=0)
     lst = tmp_path / "mine.txt"
