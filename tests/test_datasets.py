@@ -320,6 +320,10 @@ def test_voc_labels_come_from_the_full_mask_not_the_crop(tmp_path):
 
 def test_voc_list_file_path_and_workers(tmp_path):
     write_voc(tmp_path, n_train=3, n_val=2, n_aug=0)
+    custom = write_voc(tmp_path / "custom", n_train=1, n_val=1, n_aug=1, ids=["a_1", "b_2", "c_3"])
+    assert list(custom) == ["a_1", "b_2", "c_3"] and VOCDataset(tmp_path / "custom", "train_aug").ids == ["a_1", "c_3"]
+    with pytest.raises(InputError, match="ids must be 3 distinct ids"):
+        write_voc(tmp_path / "custom", n_train=1, n_val=1, n_aug=1, ids=["a_1", "a_1", "c_3"])
     lst = tmp_path / "mine.txt"
     lst.write_text("2007_000060\n\n2007_000032\n")
     ds = VOCDataset(tmp_path, lst, size=24)

@@ -162,7 +162,7 @@ def _with_boundaries(label_map: np.ndarray) -> np.ndarray:
 
 def write_voc(
     root: str | os.PathLike, *, n_train: int = 4, n_val: int = 2, n_aug: int = 2, classes: Sequence[int] = (1, 7, 15),
-    size: int | Sequence[int] = (40, 56), seed: int = 0, max_objects: int = 2,
+    size: int | Sequence[int] = (40, 56), seed: int = 0, max_objects: int = 2, ids: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write ``root/VOCdevkit/VOC2012`` with ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``
     (palette PNGs, 255 on object outlines) for the train and val ids, ``SegmentationClassAug/
@@ -170,22 +170,25 @@ def write_voc(
     SBD has none), ``ImageSets/Segmentation/{train,val,trainval}.txt``, psa's
     ``ImageSets/SegmentationAug/train_aug.txt`` (train + SBD-only ids, psa's path format) and
     psa's ``root/cls_labels.npy`` (train_aug + val ids). Objects are of the VOC classes
-    ``classes`` (indices 1..20). Returns id -> label map (H, W) uint8 as written."""
+    ``classes`` (indices 1..20). ``ids`` (``n_train + n_val + n_aug`` of them, in that order) replaces
+    the generated ids (``2007_000032``, ...; ``2008_...`` for SBD-only). Returns id -> label map
+    (H, W) uint8 as written."""
     root, hw = Path(root), as_size(size)
     if not classes or not all(1 <= c <= 20 for c in classes) or len(classes) > len(SHAPES):
         raise InputError(f"classes must be 1..{len(SHAPES)} VOC class indices in 1..20, got {classes}")
+    if ids is not None and (len(ids) != n_train + n_val + n_aug or len(set(ids)) != len(ids)):
+        raise InputError(f"ids must be {n_train + n_val + n_aug} distinct ids (n_train + n_val + n_aug), got {ids}")
     voc = root / "VOCdevkit" / "VOC2012"
     rng = np.random.default_rng(seed)
     lut = np.array([0, *classes], np.uint8)
     groups = {"train": n_train, "val": n_val, "aug": n_aug}
-    ids: dict[str, list[str]] = {}
+    members: dict[str, list[str]] = {}
     truth: dict[str, np.ndarray] = {}
     k = 0
     for group, count in groups.items():
-        ids[group] = []
+        members[group] = []
         for _ in range(count):
-            year = 2007 if group != "aug" else 2008
-            id = f"{year}_{32 + 7 * k:06d}"
+            id = ids[k] if ids is not None else f"{2007 if group != 'aug' else 2008}_{32 + 7 * k:06d}"
             k += 1
             image, labels = multiobject_image(max(hw), len(classes), rng, max_objects)
             image, label_map = _crop(image, hw), lut[_crop(labels, hw)]
@@ -195,17 +198,18 @@ def write_voc(
             _save_jpeg(image, voc / "JPEGImages" / f"{id}.jpg")
             (voc / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
             Image.fromarray(label_map).save(voc / "SegmentationClassAug" / f"{id}.png")
-            ids[group].append(id)
+            members[group].append(id)
             truth[id] = label_map
     lists = voc / "ImageSets" / "Segmentation"
     lists.mkdir(parents=True, exist_ok=True)
-    for name, members in (("train", ids["train"]), ("val", ids["val"]), ("trainval", ids["train"] + ids["val"])):
-        (lists / f"{name}.txt").write_text("".join(f"{i}\n" for i in members))
+    for name, listed in (("train", members["train"]), ("val", members["val"]),
+                         ("trainval", members["train"] + members["val"])):
+        (lists / f"{name}.txt").write_text("".join(f"{i}\n" for i in listed))
     aug = voc / "ImageSets" / "SegmentationAug"
     aug.mkdir(parents=True, exist_ok=True)
     (aug / "train_aug.txt").write_text(
-        "".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids["train"] + ids["aug"]))
-    np.save(root / "cls_labels.npy",
-            {i: labels_from_mask(truth[i]) for i in ids["train"] + ids["aug"] + ids["val"]}, allow_pickle=True)
+        "".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in members["train"] + members["aug"]))
+    psa_ids = members["train"] + members["aug"] + members["val"]
+    np.save(root / "cls_labels.npy", {i: labels_from_mask(truth[i]) for i in psa_ids}, allow_pickle=True)
     return truth
 
