@@ -402,8 +402,10 @@ class TrainingRun:
                 for key, value in values.items():
                     value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
                     sums[key] = sums[key] + value if key in sums else value
-                if show and "loss" in sums:
-                    bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}")
+                if show:  # the running epoch summary of this process
+                    running = {k: float(v) for k, v in sums.items()}
+                    shown = summarize(running) if summarize else {k: v / steps for k, v in running.items()}
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items() if isinstance(v, float)}, refresh=False)
             if scheduler is not None and scheduler_interval == "epoch":
                 scheduler.step()
             totals, total_steps = self._sum_over_processes(sums, steps)
