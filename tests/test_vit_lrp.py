@@ -10,6 +10,8 @@ the generic implementation, which installs the rules on timm's modules through a
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import timm
 import torch
@@ -267,3 +269,25 @@ def test_clear_errors():
     with pytest.raises(InputError, match="scaled_dot_product_attention"):
         e.explain(m, torch.randn(1, 3, 32, 32))
     assert _hook_count(m) == hooks
+
+
+@pytest.mark.parametrize("names", [("vit-lrp", "partial-lrp"), ("attn-grad-cam", "attention-rollout")])
+def test_two_hundred_explains_leave_no_growth(names):
+    """Issue 17: every vit-lrp / partial-lrp call leaked its graph (a saved output held by the
+    tracer's node formed a cycle through autograd that gc cannot free)."""
+    m = tiny_vit(torch.float32, depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    explainers = [registry.build(n) for n in names]
+    for e in explainers:  # warm-up
+        e.explain(m, x, [1, 2])
+    gc.collect()
+    objects_before = len(gc.get_objects())
+    tensors_before = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    for i in range(200):
+        maps = explainers[i % 2].explain(m, x, [1, 2])
+    del maps
+    gc.collect()
+    tensors_after = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    assert _hook_count(m) == 0
+    assert tensors_after <= tensors_before, f"{tensors_after - tensors_before} tensors survive 200 explains"
+    assert len(gc.get_objects()) - objects_before < 100, "python objects accumulate over 200 explains"

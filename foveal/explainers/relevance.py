@@ -114,14 +114,16 @@ class _State:
 
 
 class _Node:
-    """Bookkeeping of one replaced call's output: how many calls consumed it, and the output
-    itself while it is a fork (consumed more than once)."""
+    """Bookkeeping of one replaced call's output: how many traced calls consumed it (a fork when
+    more than one). It holds no tensor: the output itself is saved with ``save_for_backward``
+    (autograd keeps saved outputs without a reference cycle; a tensor stored on the node or the
+    ctx would form the cycle output -> grad_fn -> ctx -> node -> output, which the garbage
+    collector cannot free because part of it lives in C++: issue 17, one graph leaked per call)."""
 
-    __slots__ = ("uses", "out")
+    __slots__ = ("uses",)
 
     def __init__(self) -> None:
         self.uses = 0
-        self.out: Tensor | None = None
 
 
 def _stable_div(num: Tensor, den: Tensor, eps: float) -> Tensor:
@@ -132,11 +134,13 @@ def _stable_div(num: Tensor, den: Tensor, eps: float) -> Tensor:
 
 
 def _arriving(ctx, r: Tensor) -> Tensor:
-    """Relevance arriving at a replaced call's output. At a fork the summed relevance of the
-    consumers gets the z-rule factor ``y / (y + eps)`` of the authors' ``Clone`` relprop."""
+    """Relevance arriving at a replaced call's output (saved last by every function). At a fork
+    the summed relevance of the consumers gets the z-rule factor ``y / (y + eps)`` of the
+    authors' ``Clone`` relprop."""
     node = ctx.node
-    if ctx.state.mode == "lrp" and node is not None and node.out is not None:
-        return r * _stable_div(node.out, node.out, ctx.state.eps)
+    if ctx.state.mode == "lrp" and node is not None and node.uses > 1:
+        out = ctx.saved_tensors[-1]
+        return r * _stable_div(out, out, ctx.state.eps)
     return r
 
 
@@ -165,13 +169,14 @@ def _alpha_beta(x: Tensor, weight: Tensor, r: Tensor, alpha: float, eps: float) 
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, state, node):
-        ctx.save_for_backward(x, weight)
+        out = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, out)
         ctx.state, ctx.node = state, node
-        return F.linear(x, weight, bias)
+        return out
 
     @staticmethod
     def backward(ctx, r):
-        x, weight = ctx.saved_tensors
+        x, weight, _ = ctx.saved_tensors
         st = ctx.state
         if st.mode == "grad":
             return r.matmul(weight), None, None, None, None
@@ -183,13 +188,14 @@ class _Add(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, coef, state, node):
-        ctx.save_for_backward(a, b)
+        out = a + b if coef == 1 else a + coef * b
+        ctx.save_for_backward(a, b, out)
         ctx.coef, ctx.state, ctx.node = coef, state, node
-        return a + b if coef == 1 else a + coef * b
+        return out
 
     @staticmethod
     def backward(ctx, r):
-        a, b = ctx.saved_tensors
+        a, b, _ = ctx.saved_tensors
         coef, st = ctx.coef, ctx.state
         if st.mode == "grad":
             ra, rb = r, r * coef
@@ -215,13 +221,14 @@ class _Bilinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, v, fn, scale, state, node):
-        ctx.save_for_backward(u, v)
+        out = fn(u, v)
+        ctx.save_for_backward(u, v, out)
         ctx.fn, ctx.scale, ctx.state, ctx.node = fn, scale, state, node
-        return fn(u, v)
+        return out
 
     @staticmethod
     def backward(ctx, r):
-        u, v = ctx.saved_tensors
+        u, v, _ = ctx.saved_tensors
         st = ctx.state
         with torch.enable_grad():
             uu, vv = u.detach().requires_grad_(True), v.detach().requires_grad_(True)
@@ -238,13 +245,14 @@ class _Identity(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, fn, state, node):
-        ctx.save_for_backward(x)
+        out = fn(x)
+        ctx.save_for_backward(x, out)
         ctx.fn, ctx.state, ctx.node = fn, state, node
-        return fn(x)
+        return out
 
     @staticmethod
     def backward(ctx, r):
-        (x,) = ctx.saved_tensors
+        x, _ = ctx.saved_tensors
         if ctx.state.mode == "lrp":
             r = _arriving(ctx, r)
             return (r if r.shape == x.shape else r.sum_to_size(x.shape)), None, None, None
@@ -262,7 +270,7 @@ class _Select(_Identity):
 
     @staticmethod
     def backward(ctx, r):
-        (x,) = ctx.saved_tensors
+        x, _ = ctx.saved_tensors
         with torch.enable_grad():
             xx = x.detach().requires_grad_(True)
             y = ctx.fn(xx)
@@ -342,11 +350,6 @@ class _Tracer(TorchFunctionMode):
     def is_act(self, t: Any) -> bool:
         ref = self.marked.get(id(t)) if isinstance(t, Tensor) else None
         return ref is not None and ref() is t
-
-    def finish(self) -> None:
-        """After the forward: keep the outputs of forks only."""
-        for ref, node in self.nodes.values():
-            node.out = ref() if node.uses > 1 else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -503,7 +506,6 @@ def _traced(model: nn.Module, blocks: nn.Module, hooks: list, state: _State, lrp
             hooks.append(blk.register_forward_hook(leave))
         with tracer:
             yield tracer
-        tracer.finish()
     finally:
         for m, flag in flags:
             m.fused_attn = flag
