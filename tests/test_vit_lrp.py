@@ -291,3 +291,31 @@ def test_two_hundred_explains_leave_no_growth(names):
     assert _hook_count(m) == 0
     assert tensors_after <= tensors_before, f"{tensors_after - tensors_before} tensors survive 200 explains"
     assert len(gc.get_objects()) - objects_before < 100, "python objects accumulate over 200 explains"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_grad_caller_gets_the_same_maps(name):
+    """Issue 17: the gradient-based ViT explainers failed under torch.no_grad()."""
+    m = tiny_vit(seed=5)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    expected = registry.build(name).explain(m, x, [1, 2])
+    with torch.no_grad():
+        got = registry.build(name).explain(m, x, [1, 2])
+    assert torch.equal(got, expected)
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("name", ["vit-lrp", "partial-lrp", "attn-grad-cam"])
+def test_inference_mode_is_a_clear_error(name):
+    m = tiny_vit(torch.float32)
+    hooks = _hook_count(m)
+    with torch.inference_mode(), pytest.raises(InputError, match="inference_mode"):
+        registry.build(name).explain(m, torch.randn(1, 3, 32, 32), 1)
+    with torch.inference_mode():
+        frozen = torch.randn(1, 3, 32, 32)
+    with pytest.raises(InputError, match="inference_mode"):
+        registry.build(name).explain(m, frozen, 1)
+    assert _hook_count(m) == hooks
+    # the gradient-free baselines work in inference mode
+    with torch.inference_mode():
+        assert registry.build("attention-rollout").explain(m, torch.randn(1, 3, 32, 32)).shape == (1, 32, 32)

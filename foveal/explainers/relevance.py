@@ -518,6 +518,22 @@ def _traced(model: nn.Module, blocks: nn.Module, hooks: list, state: _State, lrp
 
 # --- explainers -------------------------------------------------------------------------------
 
+def require_autograd(name: str, images: Tensor) -> None:
+    """Gradient-based explainers enable autograd themselves (a caller's ``torch.no_grad()`` is
+    fine) but cannot work under ``torch.inference_mode()``, nor on tensors created in it (they
+    can never require grad): say so instead of autograd's "does not require grad"."""
+    if torch.is_inference_mode_enabled():
+        raise InputError(
+            f"{name}: needs gradients but was called under torch.inference_mode(); call explain() "
+            "outside inference mode (torch.no_grad() is fine: the explainer enables gradients itself)"
+        )
+    if images.is_inference():
+        raise InputError(
+            f"{name}: the images were created under torch.inference_mode() and can never require "
+            "gradients; pass images.clone() made outside inference mode"
+        )
+
+
 class _Traced:
     """What one traced pass returns: attention maps, and optionally their gradients and
     relevances, all (B, heads, N, N), plus the layout of the tokens."""
@@ -554,27 +570,31 @@ class ViTExplainer(Explainer):
         prefix = _prefix_tokens(owner, cfg.prefix_tokens)
         state = _State(getattr(cfg, "eps", self.eps), getattr(cfg, "alpha", self.alpha))
         differentiate = self.need_grads or self.need_relevance
+        if differentiate:
+            require_autograd(self.registry_name or type(self).__name__, images)
+        # the whole differentiation runs with autograd on, so a caller's torch.no_grad() is
+        # harmless (issue 17); without gradients the forward runs with it off (cheaper)
         with torch.set_grad_enabled(differentiate):
             x = images.detach().requires_grad_(differentiate)
             with _traced(model, blocks, hooks, state, lrp=self.need_relevance) as tracer:
                 output = model(x)
-        bad = [(i, len(a)) for i, a in enumerate(tracer.attention) if len(a) != 1]
-        if bad:
-            raise InputError(
-                f"vit-lrp: expected one attention softmax (B, heads, N, N) per block, found {bad[:5]} "
-                "(block index, count)"
-            )
-        attention = [a[0] for a in tracer.attention]
-        grads = relevance = None
-        if differentiate:
-            scores = target_scores(output, targets)
-            state.mode = "grad"
-            if self.need_grads:
-                grads = list(torch.autograd.grad(scores.sum(), attention, retain_graph=True))
-            if self.need_relevance:
-                seed = torch.autograd.grad(scores.sum(), output, retain_graph=True)[0]
-                state.mode = "lrp"
-                relevance = list(torch.autograd.grad(output, attention, seed))
+            bad = [(i, len(a)) for i, a in enumerate(tracer.attention) if len(a) != 1]
+            if bad:
+                raise InputError(
+                    f"vit-lrp: expected one attention softmax (B, heads, N, N) per block, found {bad[:5]} "
+                    "(block index, count)"
+                )
+            attention = [a[0] for a in tracer.attention]
+            grads = relevance = None
+            if differentiate:
+                scores = target_scores(output, targets)
+                state.mode = "grad"
+                if self.need_grads:
+                    grads = list(torch.autograd.grad(scores.sum(), attention, retain_graph=True))
+                if self.need_relevance:
+                    seed = torch.autograd.grad(scores.sum(), output, retain_graph=True)[0]
+                    state.mode = "lrp"
+                    relevance = list(torch.autograd.grad(output, attention, seed))
         n = attention[0].shape[-1]
         grid = token_grid(owner, n - prefix, tuple(images.shape[-2:]))
         attention = [a.detach() for a in attention]
