@@ -15,7 +15,7 @@ R50+ViT ``vit_base_r50_s16_*`` and any model with a ``blocks`` container of atte
 * ``attention-rollout`` (Abnar & Zuidema 2020, column "rollout" of Tables 2/3): head-averaged
   attention plus identity, row-normalised, multiplied over the blocks.
 * ``raw-attention`` (column "raw attention"): the last block's head-averaged attention,
-  class row. (``raw-attention`` is taken by the CA-Stream ``ca-attention`` alias.)
+  class row (alias ``vit-raw-attention``).
 * ``attn-grad-cam`` (column "GradCAM"): the last block's class-row attention per head weighted by
   that head's mean attention gradient, averaged over heads, positive part.
 * ``partial-lrp`` (Voita et al. 2019, column "partial LRP"): the last block's attention
@@ -82,10 +82,12 @@ independent float64 re-derivation on a tiny ViT (``tests/test_vit_lrp.py``).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -102,15 +104,100 @@ from .tokens import token_grid
 
 Tensor = torch.Tensor
 
+# --- rule sets ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Which relevance rule each kind of operation gets (the table in ``docs/lrp.md``).
+
+    * ``linear``: ``F.linear`` / convolutions / ``x @ W`` with constant weights: ``"alpha-beta"``
+      (one normaliser ``z+ = x+ W+ + x- W-``, Chefer's ``layers_ours.Linear``),
+      ``"alpha-beta-separate"`` (one normaliser per sign, ``x+ W+`` and ``x- W-``: the original
+      rule of Chefer's ``layers_lrp.Linear``), ``"epsilon"`` (``z = W x + b``: the bias absorbs its
+      share; Achtibat et al. eq. 8).
+    * ``input_layer``: the linear map or convolution that reads the image itself: ``"zb"`` (the
+      z^B rule with the per-image minimum and maximum as bounds, Chefer's ``Conv2d`` on 3-channel
+      input) or ``"same"`` (the ``linear`` rule).
+    * ``add``: sum of two activations (residuals) and of an activation and a constant tensor
+      (position embeddings, attention biases; the constant's share is dropped): ``"z-normalised"``
+      (z-rule, then the two shares rescaled to keep ``|sum R_a| : |sum R_b|`` and the total, section
+      4.2) or ``"z"`` (plain z / epsilon rule).
+    * ``scalar_shift``: ``x + c`` for a Python number ``c`` (``1 - sigmoid(x)``): ``"identity"`` or
+      ``"z"`` (the number is a bias, as every constant in AttnLRP).
+    * ``softmax``: ``"identity"`` (Chefer), ``"taylor"`` (``R_x = x (R - s sum R)``: Achtibat et al.
+      Proposition 3.1) or ``"constant"`` (the probabilities are treated as constant weights; no
+      relevance reaches the logits: CP-LRP, Ali et al. 2022, LXT's recommendation for ViTs).
+    * ``norm``: LayerNorm / GroupNorm / RMSNorm: ``"identity"`` or ``"centred"`` (the standard
+      deviation held constant, the centring and the affine part by the epsilon rule: Achtibat et
+      al. Proposition 3.4 and LXT's ``layer_norm_grad_fn``).
+    * ``batch_norm`` (eval, running statistics): ``"identity"`` (Chefer's ``BatchNorm2d`` relprop
+      reduces to it) or ``"epsilon"`` (the affine map ``a x + b`` by the epsilon rule: identical to
+      folding it into the convolution before).
+    * ``forks``: a tensor consumed more than once gets ``y / (y + eps)`` on its summed relevance
+      (Chefer's ``Clone``); without it the relevances are simply summed.
+
+    Products of two activations (``q @ k^T``, ``attn @ v``, gates) get the z-rule halved on both
+    operands in every set: Chefer's model divides by two, Achtibat et al. Proposition 3.3 (epsilon
+    then uniform); for an elementwise product it is their uniform rule (Proposition 3.2) up to the
+    stabiliser. Elementwise activations and scaling by constants get the identity rule, linear
+    maps without weights (interpolation, pooling, means, sums) the z-rule, reshapes and
+    concatenations their gradient, in every set."""
+
+    name: str
+    linear: str
+    input_layer: str
+    add: str
+    scalar_shift: str
+    softmax: str
+    norm: str
+    batch_norm: str
+    forks: bool
+    eps: float
+    cite: str
+
+
+RULE_SETS: dict[str, RuleSet] = {
+    "chefer": RuleSet(
+        "chefer", linear="alpha-beta", input_layer="zb", add="z-normalised", scalar_shift="identity",
+        softmax="identity", norm="identity", batch_norm="identity", forks=True, eps=1e-9,
+        cite="Chefer, Gur & Wolf, CVPR 2021, sec. 3 and their modules/layers_ours.py; "
+             "vit-lrp-affinitynet.txt sec. 4.2"),
+    "orig-lrp": RuleSet(
+        "orig-lrp", linear="alpha-beta-separate", input_layer="zb", add="z", scalar_shift="identity",
+        softmax="identity", norm="identity", batch_norm="identity", forks=True, eps=1e-9,
+        cite="the original LRP rules of Chefer et al.'s baselines (modules/layers_lrp.py, "
+             "baselines/ViT/ViT_orig_LRP.py): columns 'LRP' and 'partial LRP' of Tables 2-3"),
+    "attnlrp": RuleSet(
+        "attnlrp", linear="epsilon", input_layer="same", add="z", scalar_shift="z",
+        softmax="taylor", norm="centred", batch_norm="epsilon", forks=False, eps=1e-6,
+        cite="Achtibat et al., AttnLRP, ICML 2024: eq. 8 (epsilon), Prop. 3.1 (softmax), "
+             "3.2-3.3 (products), 3.4 (norms); LXT lxt/explicit/functional.py"),
+    "cp-lrp": RuleSet(
+        "cp-lrp", linear="epsilon", input_layer="same", add="z", scalar_shift="z",
+        softmax="constant", norm="centred", batch_norm="epsilon", forks=False, eps=1e-6,
+        cite="Ali et al., ICML 2022 (attention as constant weights) with AttnLRP's other rules, "
+             "as LXT's efficient mode does for vision transformers (lxt/efficient/patches.py)"),
+}
+
+
+def rule_set(name: str) -> RuleSet:
+    try:
+        return RULE_SETS[name]
+    except KeyError:
+        raise InputError(f"rules: unknown rule set {name!r}; expected one of {sorted(RULE_SETS)}") from None
+
+
 # --- relevance rules as autograd functions ---------------------------------------------------
 
 class _State:
-    """Backward mode shared by the functions of one graph: ``"grad"`` or ``"lrp"``."""
+    """Backward mode shared by the functions of one graph (``"grad"`` or ``"lrp"``), the rule set,
+    the stabiliser and alpha."""
 
-    def __init__(self, eps: float, alpha: float) -> None:
+    def __init__(self, eps: float, alpha: float, rules: RuleSet | str = "chefer") -> None:
         self.mode = "grad"
         self.eps = eps
         self.alpha = alpha
+        self.rules = rule_set(rules) if isinstance(rules, str) else rules
 
 
 class _Node:
@@ -129,18 +216,18 @@ class _Node:
 def _stable_div(num: Tensor, den: Tensor, eps: float) -> Tensor:
     """``num / (den + eps)``, 0 where ``den == 0`` (the reference's ``safe_divide``)."""
     shifted = den + eps
-    shifted.masked_fill_(shifted == 0, eps)
+    shifted.masked_fill_(shifted == 0, eps if eps else 1.0)
     return (num / shifted).masked_fill_(den == 0, 0)
 
 
 def _arriving(ctx, r: Tensor) -> Tensor:
     """Relevance arriving at a replaced call's output (saved last by every function). At a fork
     the summed relevance of the consumers gets the z-rule factor ``y / (y + eps)`` of the
-    authors' ``Clone`` relprop."""
-    node = ctx.node
-    if ctx.state.mode == "lrp" and node is not None and node.uses > 1:
+    authors' ``Clone`` relprop (rule sets with ``forks``)."""
+    node, st = ctx.node, ctx.state
+    if st.mode == "lrp" and st.rules.forks and node is not None and node.uses > 1:
         out = ctx.saved_tensors[-1]
-        return r * _stable_div(out, out, ctx.state.eps)
+        return r * _stable_div(out, out, st.eps)
     return r
 
 
@@ -149,16 +236,54 @@ def _sample_sum(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(1).reshape(t.shape[0], *([1] * (t.dim() - 1)))
 
 
-def _alpha_beta(x: Tensor, weight: Tensor, r: Tensor, alpha: float, eps: float) -> Tensor:
-    """LRP alpha-beta rule of a linear map ``x W^T`` (bias excluded), beta = alpha - 1."""
+class _Op:
+    """A linear map of the input with a weight: ``fwd(x, w)`` (no bias) and ``vjp(s, w)`` (the
+    transposed map). ``F.linear`` and the convolutions; the vjp needs no recomputation."""
+
+    def __init__(self, kind: str, x_shape: torch.Size, stride=1, padding=0, dilation=1, groups=1) -> None:
+        self.kind, self.x_shape = kind, x_shape
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def fwd(self, x: Tensor, w: Tensor) -> Tensor:
+        if self.kind == "linear":
+            return F.linear(x, w)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+        return conv(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def vjp(self, s: Tensor, w: Tensor) -> Tensor:
+        if self.kind == "linear":
+            return s.matmul(w)
+        if isinstance(self.padding, str):  # "same"/"valid": let autograd find the padding
+            with torch.enable_grad():
+                xx = torch.zeros(self.x_shape, dtype=s.dtype, device=s.device, requires_grad=True)
+                return torch.autograd.grad(self.fwd(xx, w), xx, s)[0]
+        n = w.dim() - 2
+
+        def tup(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+        x = s.new_empty(1).expand(self.x_shape)
+        return torch.ops.aten.convolution_backward(
+            s, x, w, None, tup(self.stride), tup(self.padding), tup(self.dilation), False, [0] * n,
+            self.groups, (True, False, False))[0]
+
+
+def _alpha_beta(op: _Op, x: Tensor, weight: Tensor, r: Tensor, alpha: float, eps: float,
+                separate: bool = False) -> Tensor:
+    """LRP alpha-beta rule of a linear map (bias excluded), beta = alpha - 1. ``separate``: the
+    positive-input and negative-input contributions are normalised apart (``layers_lrp``), else
+    by their sum (``layers_ours``)."""
     px = x.clamp(min=0)
     nx = x - px
     pw = weight.clamp(min=0)
     nw = weight - pw
 
     def share(w1: Tensor, w2: Tensor) -> Tensor:
-        s = _stable_div(r, F.linear(px, w1) + F.linear(nx, w2), eps)
-        return px * s.matmul(w1) + nx * s.matmul(w2)
+        z1, z2 = op.fwd(px, w1), op.fwd(nx, w2)
+        if separate:
+            return px * op.vjp(_stable_div(r, z1, eps), w1) + nx * op.vjp(_stable_div(r, z2, eps), w2)
+        s = _stable_div(r, z1 + z2, eps)
+        return px * op.vjp(s, w1) + nx * op.vjp(s, w2)
 
     out = share(pw, nw)
     if alpha != 1:
@@ -166,25 +291,51 @@ def _alpha_beta(x: Tensor, weight: Tensor, r: Tensor, alpha: float, eps: float) 
     return out
 
 
-class _Linear(torch.autograd.Function):
+def _z_beta(op: _Op, x: Tensor, weight: Tensor, r: Tensor, eps: float) -> Tensor:
+    """z^B rule for the layer reading the image (Montavon et al. 2017), bounds ``L``/``H`` = the
+    per-image minimum/maximum of the input, as Chefer's ``Conv2d.relprop`` on 3-channel input."""
+    dims = tuple(range(1, x.dim()))
+    low = x.amin(dim=dims, keepdim=True).expand_as(x)
+    high = x.amax(dim=dims, keepdim=True).expand_as(x)
+    pw = weight.clamp(min=0)
+    nw = weight - pw
+    z = op.fwd(x, weight) - op.fwd(low, pw) - op.fwd(high, nw)
+    s = _stable_div(r, z, eps)
+    return x * op.vjp(s, weight) - low * op.vjp(s, pw) - high * op.vjp(s, nw)
+
+
+class _Affine(torch.autograd.Function):
+    """``F.linear`` / convolution with constant weight and bias: the rule set's ``linear`` rule
+    (or its ``input_layer`` rule when ``x`` is the image)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, state, node):
-        out = F.linear(x, weight, bias)
+    def forward(ctx, x, weight, bias, op, is_input, state, node):
+        out = op.fwd(x, weight)
+        if bias is not None:
+            out = out + (bias if op.kind == "linear" else bias.reshape(-1, *([1] * (out.dim() - 2))))
         ctx.save_for_backward(x, weight, out)
-        ctx.state, ctx.node = state, node
+        ctx.op, ctx.is_input, ctx.state, ctx.node = op, is_input, state, node
         return out
 
     @staticmethod
     def backward(ctx, r):
-        x, weight, _ = ctx.saved_tensors
-        st = ctx.state
+        x, weight, out = ctx.saved_tensors
+        st, op = ctx.state, ctx.op
+        none = (None,) * 6
         if st.mode == "grad":
-            return r.matmul(weight), None, None, None, None
-        return _alpha_beta(x, weight, _arriving(ctx, r), st.alpha, st.eps), None, None, None, None
+            return (op.vjp(r, weight), *none)
+        r = _arriving(ctx, r)
+        rule = "zb" if ctx.is_input and st.rules.input_layer == "zb" else st.rules.linear
+        if rule == "epsilon":
+            return (x * op.vjp(_stable_div(r, out, st.eps), weight), *none)
+        if rule == "zb":
+            return (_z_beta(op, x, weight, r, st.eps), *none)
+        return (_alpha_beta(op, x, weight, r, st.alpha, st.eps, separate=rule == "alpha-beta-separate"), *none)
 
 
 class _Add(torch.autograd.Function):
-    """``a + coef * b`` with the z-rule and the two-input normalisation (section 4.2)."""
+    """``a + coef * b``; ``b`` may be a constant tensor (its share of the relevance is dropped).
+    The z-rule, then (``add="z-normalised"``) the two-input normalisation of section 4.2."""
 
     @staticmethod
     def forward(ctx, a, b, coef, state, node):
@@ -204,10 +355,11 @@ class _Add(torch.autograd.Function):
             bc = b if coef == 1 else coef * b
             s = _stable_div(r, a + bc, st.eps)
             ra, rb = a * s, bc * s
-            sa, sb, total = _sample_sum(ra), _sample_sum(rb), _sample_sum(r)
-            norm = sa.abs() + sb.abs()
-            ra = ra * _stable_div(_stable_div(sa.abs(), norm, st.eps) * total, sa, st.eps)
-            rb = rb * _stable_div(_stable_div(sb.abs(), norm, st.eps) * total, sb, st.eps)
+            if st.rules.add == "z-normalised":
+                sa, sb, total = _sample_sum(ra), _sample_sum(rb), _sample_sum(r)
+                norm = sa.abs() + sb.abs()
+                ra = ra * _stable_div(_stable_div(sa.abs(), norm, st.eps) * total, sa, st.eps)
+                rb = rb * _stable_div(_stable_div(sb.abs(), norm, st.eps) * total, sb, st.eps)
         ga = ra.sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
         gb = rb.sum_to_size(b.shape) if ctx.needs_input_grad[1] else None
         return ga, gb, None, None, None
@@ -241,7 +393,8 @@ class _Bilinear(torch.autograd.Function):
 
 
 class _Identity(torch.autograd.Function):
-    """Identity rule ``R_x = R_y`` for ``y = fn(x)`` (norms, softmax, activations, scaling)."""
+    """Identity rule ``R_x = R_y`` for ``y = fn(x)`` (activations, scaling by constants, and the
+    norms / softmax / shifts of the rule sets that give them the identity)."""
 
     @staticmethod
     def forward(ctx, x, fn, state, node):
@@ -256,28 +409,135 @@ class _Identity(torch.autograd.Function):
         if ctx.state.mode == "lrp":
             r = _arriving(ctx, r)
             return (r if r.shape == x.shape else r.sum_to_size(x.shape)), None, None, None
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(ctx.fn(xx), xx, r)
-        return g, None, None, None
+        return _vjp(ctx.fn, x, r), None, None, None
+
+
+def _vjp(fn: Callable, x: Tensor, r: Tensor) -> Tensor:
+    with torch.enable_grad():
+        xx = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(xx), xx, r)
+    return g
+
+
+class _ZRule(_Identity):
+    """A linear map without weights ``y = fn(x)`` (interpolation, pooling, means and sums, a
+    matmul with a constant left factor): z-rule ``R_x = x . J^T (R / (y + eps))`` (Chefer's
+    ``RelPropSimple``; the epsilon rule of AttnLRP). Same forward as :class:`_Identity`."""
+
+    @staticmethod
+    def backward(ctx, r):
+        x, out = ctx.saved_tensors
+        if ctx.state.mode == "grad":
+            return _vjp(ctx.fn, x, r), None, None, None
+        s = _stable_div(_arriving(ctx, r), out, ctx.state.eps)
+        return x * _vjp(ctx.fn, x, s), None, None, None
 
 
 class _Select(_Identity):
     """Index selection ``y = x[index]`` (the class-token pooling): z-rule, i.e. the relevance
-    times ``y / (y + eps)`` scattered back (the authors' ``IndexSelect`` relprop). Same forward as
-    :class:`_Identity`; only the relevance rule differs."""
-
+    times ``y / (y + eps)`` scattered back (the authors' ``IndexSelect`` relprop)."""
 
     @staticmethod
     def backward(ctx, r):
-        x, _ = ctx.saved_tensors
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            y = ctx.fn(xx)
-            if ctx.state.mode == "lrp":
-                r = _arriving(ctx, r) * _stable_div(y.detach(), y.detach(), ctx.state.eps)
-            (g,) = torch.autograd.grad(y, xx, r)
-        return g, None, None, None
+        x, out = ctx.saved_tensors
+        if ctx.state.mode == "lrp":
+            r = _arriving(ctx, r) * _stable_div(out, out, ctx.state.eps)
+        return _vjp(ctx.fn, x, r), None, None, None
+
+
+class _Softmax(_Identity):
+    """Softmax along ``ctx.dim``: identity (Chefer) or Achtibat et al.'s Proposition 3.1
+    ``R_x = x (R - s sum(R))`` (``-inf`` logits, masked positions, count as 0, as in LXT)."""
+
+    @staticmethod
+    def backward(ctx, r):
+        x, s = ctx.saved_tensors
+        st = ctx.state
+        if st.mode == "grad":
+            return _vjp(ctx.fn, x, r), None, None, None
+        r = _arriving(ctx, r)
+        if st.rules.softmax == "identity":
+            return r, None, None, None
+        dim = ctx.fn.dim
+        x = torch.where(torch.isneginf(x), torch.zeros_like(x), x)
+        return x * (r - s * r.sum(dim, keepdim=True)), None, None, None
+
+
+class _Norm(_Identity):
+    """LayerNorm / GroupNorm / RMSNorm: identity, or (``norm="centred"``) the standard deviation
+    held constant and the rest, a centring and an affine map, by the epsilon rule:
+    ``R_x = x . J^T (R / (y + eps))`` with ``J`` the Jacobian at constant std (LXT's
+    ``layer_norm_grad_fn`` trick, written out)."""
+
+    @staticmethod
+    def backward(ctx, r):
+        x, y = ctx.saved_tensors
+        st = ctx.state
+        if st.mode == "grad":
+            return _vjp(ctx.fn, x, r), None, None, None
+        r = _arriving(ctx, r)
+        if st.rules.norm == "identity":
+            return r, None, None, None
+        g = _stable_div(r, y, st.eps)
+        return x * ctx.fn.constant_std_vjp(x, g), None, None, None
+
+
+class _LayerNormFn:
+    """``F.layer_norm`` / ``F.rms_norm`` / ``F.group_norm`` as a callable that also knows its
+    Jacobian-transpose at constant standard deviation."""
+
+    def __init__(self, func: Callable, args: tuple, kwargs: dict) -> None:
+        self.func, self.args, self.kwargs = func, args, kwargs
+        name = func.__name__
+        self.kind = "group" if name == "group_norm" else "rms" if name == "rms_norm" else "layer"
+        sig = {"layer": ("normalized_shape", "weight", "bias", "eps"), "rms": ("normalized_shape", "weight", "eps"),
+               "group": ("num_groups", "weight", "bias", "eps")}[self.kind]
+        vals = dict(zip(sig, args))
+        vals.update({k: v for k, v in kwargs.items() if k in sig})
+        self.shape_or_groups = vals[sig[0]]
+        self.weight = vals.get("weight")
+        self.eps = vals.get("eps")
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.func(x, *self.args, **self.kwargs)
+
+    def constant_std_vjp(self, x: Tensor, g: Tensor) -> Tensor:
+        if self.kind == "group":
+            n, c = x.shape[:2]
+            if self.weight is not None:
+                g = g * self.weight.reshape(1, c, *([1] * (x.dim() - 2)))
+            xg, gg = x.reshape(n, self.shape_or_groups, -1), g.reshape(n, self.shape_or_groups, -1)
+            eps = 1e-5 if self.eps is None else self.eps
+            std = (xg.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+            h = gg / std
+            return (h - h.mean(-1, keepdim=True)).reshape(x.shape)
+        shape = self.shape_or_groups
+        dims = tuple(range(-len(shape) if isinstance(shape, (tuple, list, torch.Size)) else -1, 0))
+        if self.weight is not None:
+            g = g * self.weight
+        if self.kind == "rms":
+            eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+            return g / (x.pow(2).mean(dims, keepdim=True) + eps).sqrt()
+        eps = 1e-5 if self.eps is None else self.eps
+        h = g / (x.var(dims, unbiased=False, keepdim=True) + eps).sqrt()
+        return h - h.mean(dims, keepdim=True)
+
+
+class _BatchNorm(_Identity):
+    """``F.batch_norm`` with running statistics, an affine map ``a x + b`` per channel: identity
+    (Chefer's ``BatchNorm2d`` relprop, up to its 1e-9) or the epsilon rule ``R_x = a x R / (y + eps)``
+    (equal to folding it into the preceding convolution)."""
+
+    @staticmethod
+    def backward(ctx, r):
+        x, y = ctx.saved_tensors
+        st = ctx.state
+        if st.mode == "grad":
+            return _vjp(ctx.fn, x, r), None, None, None
+        r = _arriving(ctx, r)
+        if st.rules.batch_norm == "identity":
+            return r, None, None, None
+        return x * _vjp(ctx.fn, x, _stable_div(r, y, st.eps)), None, None, None
 
 
 # --- which torch calls get which rule ---------------------------------------------------------
@@ -291,25 +551,37 @@ _DIV = {torch.div, torch.divide, torch.true_divide, T.div, T.divide, T.true_divi
         T.__itruediv__}
 _MATMUL = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm}
 _SOFTMAX = {F.softmax, torch.softmax, T.softmax}
-_UNARY = _SOFTMAX | {
-    F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, F.gelu, F.relu, torch.relu, T.relu,
-    F.silu, torch.sigmoid, T.sigmoid, F.sigmoid, torch.tanh, T.tanh, F.tanh, F.hardswish, F.hardsigmoid,
-    F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.relu6, T.neg, torch.neg,
-    T.__neg__, torch.erf, T.erf,
+_CONV = {F.conv1d, F.conv2d, F.conv3d}
+_NORMS = {F.layer_norm, F.group_norm} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
+_UNARY = {
+    F.gelu, F.relu, torch.relu, T.relu, F.silu, torch.sigmoid, T.sigmoid, F.sigmoid, torch.tanh, T.tanh, F.tanh,
+    F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.relu6,
+    T.neg, torch.neg, T.__neg__, torch.erf, T.erf, F.instance_norm,
 }
-if hasattr(F, "rms_norm"):
-    _UNARY.add(F.rms_norm)
 _SELECT = {T.__getitem__, T.select, torch.select, T.index_select, torch.index_select}
 _INPLACE = {T.add_, T.sub_, T.mul_, T.div_, T.addmm_, T.relu_, F.relu_, T.sigmoid_, T.tanh_}
 _FUSED = {F.scaled_dot_product_attention}
+#: linear maps without weights: the z-rule (by name: torch wraps some of them, e.g. max_pool2d)
+_LINEAR_OPS = {
+    "interpolate", "upsample", "upsample_bilinear", "upsample_nearest", "avg_pool1d", "avg_pool2d",
+    "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "max_pool1d",
+    "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "_max_pool1d", "_max_pool2d", "_max_pool3d", "_adaptive_max_pool1d", "_adaptive_max_pool2d",
+    "_adaptive_max_pool3d", "mean", "sum", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "fold",
+}
 #: ops whose gradient moves values without changing them (relevance passes unchanged)
 _MOVES = {
     "reshape", "view", "view_as", "permute", "transpose", "t", "unbind", "split", "chunk", "flatten",
     "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "contiguous", "clone", "cat", "concat",
     "concatenate", "stack", "narrow", "to", "float", "double", "half", "bfloat16", "type_as", "type",
-    "dropout", "__get__", "movedim", "moveaxis", "swapaxes", "repeat", "tile", "roll", "flip",
-    "detach", "requires_grad_", "pad", "split_with_sizes", "tensor_split", "alias", "identity",
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "__get__", "movedim", "moveaxis", "swapaxes", "repeat",
+    "tile", "roll", "flip", "detach", "requires_grad_", "pad", "split_with_sizes", "tensor_split", "alias",
+    "identity", "unfold", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
 }
+
+#: moves of one tensor (the output holds the same values): views for the fork count
+_VIEWS = _MOVES - {"cat", "concat", "concatenate", "stack", "repeat", "tile", "expand", "expand_as", "pad",
+                   "unbind", "split", "chunk", "split_with_sizes", "tensor_split", "unfold"}
 
 
 def _tensors(obj: Any) -> Iterator[Tensor]:
@@ -323,15 +595,54 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
             yield from _tensors(o)
 
 
-class _Tracer(TorchFunctionMode):
-    """Marks tensors computed from the first block's input, swaps in the relevance functions
-    (when ``lrp``) and records each block's attention probabilities (softmax outputs)."""
+class _Call:
+    """``func(x, *rest, **kwargs)`` as a one-argument callable (kept on the autograd ctx; it
+    holds constants only, never a traced tensor)."""
 
-    def __init__(self, state: _State, lrp: bool, n_blocks: int) -> None:
+    def __init__(self, func: Callable, rest: tuple = (), kwargs: dict | None = None, dim: int | None = None) -> None:
+        self.func, self.rest, self.kwargs, self.dim = func, rest, kwargs or {}, dim
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.func(x, *self.rest, **self.kwargs)
+
+
+_INPLACE_ARG: dict[Callable, int | None] = {}
+
+
+def _out_of_place(func: Callable, rest: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Drop ``inplace=True`` (``nn.ReLU(inplace=True)`` and the like): the traced call returns a
+    new tensor, which is what the calling module uses."""
+    if func not in _INPLACE_ARG:
+        try:
+            params = list(inspect.signature(func).parameters)
+            _INPLACE_ARG[func] = params.index("inplace") - 1 if "inplace" in params else None
+        except (TypeError, ValueError):
+            _INPLACE_ARG[func] = None
+    i = _INPLACE_ARG[func]
+    if i is None:
+        return rest, kwargs
+    if "inplace" in kwargs:
+        kwargs = {**kwargs, "inplace": False}
+    if 0 <= i < len(rest):
+        rest = (*rest[:i], False, *rest[i + 1:])
+    return rest, kwargs
+
+
+def _const(c: Any) -> Any:
+    return c.detach() if isinstance(c, Tensor) else c
+
+
+class _Tracer(TorchFunctionMode):
+    """Marks tensors computed from the traced input (the first block's input for the ViT
+    explainers, the image for ``lrp``), swaps in the relevance functions (when ``lrp``) and
+    records each block's attention probabilities (softmax outputs)."""
+
+    def __init__(self, state: _State, lrp: bool, n_blocks: int = 0) -> None:
         super().__init__()
         self.state = state
         self.lrp = lrp
         self.marked: dict[int, weakref.ref] = {}
+        self.images: dict[int, weakref.ref] = {}
         self.nodes: dict[int, tuple[weakref.ref, _Node]] = {}
         self.scales: dict[int, tuple[weakref.ref, float]] = {}
         self.block = -1
@@ -343,12 +654,19 @@ class _Tracer(TorchFunctionMode):
         entry = table.get(id(t)) if isinstance(t, Tensor) else None
         return entry[1] if entry is not None and entry[0]() is t else None
 
-    def mark(self, obj: Any) -> None:
+    def mark(self, obj: Any, image: bool = False) -> None:
         for t in _tensors(obj):
-            self.marked[id(t)] = weakref.ref(t)
+            if t.is_floating_point() or t.is_complex():
+                self.marked[id(t)] = weakref.ref(t)
+                if image:
+                    self.images[id(t)] = weakref.ref(t)
 
     def is_act(self, t: Any) -> bool:
         ref = self.marked.get(id(t)) if isinstance(t, Tensor) else None
+        return ref is not None and ref() is t
+
+    def is_image(self, t: Any) -> bool:
+        ref = self.images.get(id(t)) if isinstance(t, Tensor) else None
         return ref is not None and ref() is t
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -358,14 +676,27 @@ class _Tracer(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in _FUSED:
             raise InputError(
-                "vit-lrp: the model calls F.scaled_dot_product_attention, which hides the attention "
+                "relevance: the model calls F.scaled_dot_product_attention, which hides the attention "
                 "matrix; its attention modules must expose a `fused_attn` flag (timm's do) or compute "
                 "softmax(q k^T) explicitly"
             )
-        node = _Node() if self.lrp else None
-        out = self._apply(func, args, kwargs, node) if self.lrp else func(*args, **kwargs)
+        constant = self.lrp and func in _SOFTMAX and self.state.rules.softmax == "constant"
+        node = _Node() if self.lrp and not constant else None
+        if constant:  # CP-LRP: the attention probabilities are constant weights
+            out = func(*args, **kwargs).detach()
+        else:
+            out = self._apply(func, args, kwargs, node) if self.lrp else func(*args, **kwargs)
         if not any(True for _ in _tensors(out)):
             return out
+        if self.lrp and len(inputs) == 1 and isinstance(out, Tensor) and \
+                getattr(func, "__name__", None) in _VIEWS:
+            # a view / reshape / eval-mode dropout of one tensor is that tensor for the fork count:
+            # its consumers are the producer's consumers (Chefer's Clone sits on the value)
+            source = self._lookup(self.nodes, inputs[0])
+            if source is not None:
+                self.mark(out)
+                self.nodes[id(out)] = (weakref.ref(out), source)
+                return out
         for t in inputs:
             used = self._lookup(self.nodes, t)
             if used is not None:
@@ -373,6 +704,8 @@ class _Tracer(TorchFunctionMode):
         if func in _SOFTMAX and self.block >= 0 and isinstance(out, Tensor) and out.dim() == 4 \
                 and out.shape[-1] == out.shape[-2]:
             self.attention[self.block].append(out)
+        if constant:
+            return out
         self.mark(out)
         if node is not None and isinstance(out, Tensor):
             self.nodes[id(out)] = (weakref.ref(out), node)
@@ -380,19 +713,27 @@ class _Tracer(TorchFunctionMode):
 
     def _apply(self, func: Callable, args: tuple, kwargs: dict, node: _Node) -> Any:
         st = self.state
+        rules = st.rules
         act = self.is_act
         name = getattr(func, "__name__", repr(func))
         if func in _INPLACE:
             raise InputError(
-                f"vit-lrp: in-place {name} on activations inside the transformer is not supported; "
-                "build the model with its in-place options off (e.g. timm LayerScale inplace=False)"
+                f"relevance: in-place {name} on traced activations is not supported; build the model "
+                "with its in-place options off (e.g. timm LayerScale inplace=False)"
             )
-        if func is F.linear:
+        if func is F.linear or func in _CONV:
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if act(w) or act(b):
+            if act(w) or act(b) or not act(x):
                 return self._unsupported(name, "a weight or bias computed from the input")
-            return _Linear.apply(x, w.detach(), None if b is None else b.detach(), st, node)
+            if func is F.linear:
+                op = _Op("linear", x.shape)
+            else:
+                names = ("stride", "padding", "dilation", "groups")
+                conf = dict(zip(names, args[3:]))
+                conf.update({k: kwargs[k] for k in names if k in kwargs})
+                op = _Op("conv", x.shape, **conf)
+            return _Affine.apply(x, w.detach(), _const(b), op, self.is_image(x), st, node)
         if func in _ADD or func in _SUB or func in _RSUB:
             a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
             coef = kwargs.get("alpha", 1)
@@ -401,49 +742,81 @@ class _Tracer(TorchFunctionMode):
             if func in _SUB or func in _RSUB:
                 coef = -coef
             if isinstance(a, Tensor) and isinstance(b, Tensor):
-                return _Add.apply(a, b, coef, st, node)
-            if isinstance(b, Tensor):  # constant + coef * x
-                return _Identity.apply(b, lambda t: a + coef * t, st, node)
-            return _Identity.apply(a, lambda t: t + coef * b, st, node)
+                return _Add.apply(a if act(a) else a.detach(), b if act(b) else b.detach(), coef, st, node)
+            if rules.scalar_shift == "identity":
+                if isinstance(b, Tensor):  # constant + coef * x
+                    return _Identity.apply(b, lambda t, a=a, coef=coef: a + coef * t, st, node)
+                return _Identity.apply(a, lambda t, b=b, coef=coef: t + coef * b, st, node)
+            x = a if isinstance(a, Tensor) else b
+            a, b = (a, torch.tensor(b, dtype=x.dtype, device=x.device)) if x is a else \
+                (torch.tensor(a, dtype=x.dtype, device=x.device), b)
+            return _Add.apply(a, b, coef, st, node)
         if func in _MUL or func in _DIV:
             a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
             if func in _MUL and act(a) and act(b):
                 return _Bilinear.apply(a, b, torch.mul, 1.0, st, node)
             if act(b) and func in _DIV:
                 return self._unsupported(name, "a divisor computed from the input")
-            x, c = (a, b) if act(a) else (b, a)
+            x, c = (a, _const(b)) if act(a) else (b, _const(a))
             rest = {k: v for k, v in kwargs.items() if k != "other"}
-            out = _Identity.apply(x, lambda t: func(t, c, **rest), st, node)
+            out = _Identity.apply(x, _Call(func, (c,), rest), st, node)
             if isinstance(c, (int, float)) and not rest:
                 self.scales[id(out)] = (weakref.ref(out), float(c) if func in _MUL else 1.0 / c)
             return out
         if func in _MATMUL:
             a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
+            mm = torch.bmm if func in (torch.bmm, T.bmm) else torch.matmul
             if act(a) and act(b):
-                mm = torch.bmm if func in (torch.bmm, T.bmm) else torch.matmul
                 scale = (self._lookup(self.scales, a) or 1.0) * (self._lookup(self.scales, b) or 1.0)
                 return _Bilinear.apply(a, b, mm, scale, st, node)
             if act(a) and b.dim() == 2:
-                return _Linear.apply(a, b.detach().t(), None, st, node)
-            return self._unsupported(name, "a constant left operand")
+                return _Affine.apply(a, b.detach().t(), None, _Op("linear", a.shape), self.is_image(a), st, node)
+            if act(a):
+                return _ZRule.apply(a, lambda t, c=b.detach(): mm(t, c), st, node)
+            return _ZRule.apply(b, lambda t, c=a.detach(): mm(c, t), st, node)
         if func is torch.einsum:
             eq, *ops = args if len(args) > 2 or not isinstance(args[1], (list, tuple)) else (args[0], *args[1])
             if len(ops) == 2 and act(ops[0]) and act(ops[1]):
                 scale = (self._lookup(self.scales, ops[0]) or 1.0) * (self._lookup(self.scales, ops[1]) or 1.0)
                 return _Bilinear.apply(ops[0], ops[1], lambda u, v: torch.einsum(eq, u, v), scale, st, node)
-            return self._unsupported(name, "operands other than two activations")
-        if func in _UNARY or func in _SELECT:
+            if len(ops) == 2:
+                if act(ops[0]):
+                    return _ZRule.apply(ops[0], lambda t, c=ops[1].detach(): torch.einsum(eq, t, c), st, node)
+                return _ZRule.apply(ops[1], lambda t, c=ops[0].detach(): torch.einsum(eq, c, t), st, node)
+            return self._unsupported(name, "more than two operands")
+        if func in _SOFTMAX or func in _NORMS or func is F.batch_norm or func in _UNARY or func in _SELECT:
             x, rest = (args[0], args[1:]) if args else (kwargs.pop("input"), ())
             if any(act(t) for t in _tensors((rest, kwargs))):
                 return self._unsupported(name, "parameters or indices computed from the input")
-            rule = _Select if func in _SELECT else _Identity
-            return rule.apply(x, lambda t: func(t, *rest, **kwargs), st, node)
-        if name not in _MOVES:
+            rest, kwargs = tuple(_const(c) for c in rest), {k: _const(v) for k, v in kwargs.items()}
+            if func in _SOFTMAX:
+                dim = rest[0] if rest else kwargs.get("dim")
+                if dim is None:
+                    return self._unsupported(name, "an implicit dim")
+                return _Softmax.apply(x, _Call(func, rest, kwargs, dim=dim), st, node)
+            if func in _NORMS:
+                return _Norm.apply(x, _LayerNormFn(func, rest, kwargs), st, node)
+            if func is F.batch_norm:
+                training = rest[4] if len(rest) > 4 else kwargs.get("training", False)
+                rule = _Identity if training or (rest[0] if rest else kwargs.get("running_mean")) is None \
+                    else _BatchNorm
+                return rule.apply(x, _Call(func, rest, kwargs), st, node)
+            if func in _SELECT:
+                return _Select.apply(x, _Call(func, rest, kwargs), st, node)
+            rest, kwargs = _out_of_place(func, rest, kwargs)
+            return _Identity.apply(x, _Call(func, rest, kwargs), st, node)
+        if name in _LINEAR_OPS and not kwargs.get("return_indices"):
+            x, rest = (args[0], args[1:]) if args else (kwargs.pop("input"), ())
+            if act(x) and not any(act(t) for t in _tensors((rest, kwargs))):
+                rest, kwargs = tuple(_const(c) for c in rest), {k: _const(v) for k, v in kwargs.items()}
+                return _ZRule.apply(x, _Call(func, rest, kwargs), st, node)
+        out = func(*args, **kwargs)
+        if name not in _MOVES and any(t.is_floating_point() for t in _tensors(out)):
             self.unknown.add(name)
-        return func(*args, **kwargs)
+        return out
 
     def _unsupported(self, name: str, what: str) -> Any:
-        raise InputError(f"vit-lrp: no relevance rule for {name} with {what}")
+        raise InputError(f"relevance: no relevance rule for {name} with {what}")
 
 
 # --- finding the transformer inside a model ---------------------------------------------------
@@ -483,9 +856,12 @@ def _prefix_tokens(owner: nn.Module, override: int | None) -> int:
 
 
 @contextmanager
-def _traced(model: nn.Module, blocks: nn.Module, hooks: list, state: _State, lrp: bool) -> Iterator[_Tracer]:
-    """Fused attention off, block hooks on, the tracing mode active; all undone on exit."""
-    tracer = _Tracer(state, lrp, len(blocks))
+def traced(model: nn.Module, hooks: list, state: _State, lrp: bool, blocks: nn.Module | None = None,
+           name: str = "relevance") -> Iterator[_Tracer]:
+    """Fused attention off, the tracing mode active (and, given ``blocks``, hooks that mark the
+    first block's input and number the blocks); all undone on exit, also on errors. Without
+    ``blocks`` the caller marks what it traces from (``tracer.mark(x, image=True)``)."""
+    tracer = _Tracer(state, lrp, len(blocks) if blocks is not None else 0)
     flags = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
 
     def enter(i: int):
@@ -501,7 +877,7 @@ def _traced(model: nn.Module, blocks: nn.Module, hooks: list, state: _State, lrp
     try:
         for m, _ in flags:
             m.fused_attn = False
-        for i, blk in enumerate(blocks):
+        for i, blk in enumerate(blocks if blocks is not None else ()):
             hooks.append(blk.register_forward_pre_hook(enter(i)))
             hooks.append(blk.register_forward_hook(leave))
         with tracer:
@@ -511,7 +887,7 @@ def _traced(model: nn.Module, blocks: nn.Module, hooks: list, state: _State, lrp
             m.fused_attn = flag
     if tracer.unknown:
         warnings.warn(
-            f"vit-lrp: no relevance rule for {sorted(tracer.unknown)}; relevance passed them with their "
+            f"{name}: no relevance rule for {sorted(tracer.unknown)}; relevance passed them with their "
             "gradient", stacklevel=4,
         )
 
@@ -553,6 +929,7 @@ class ViTExplainer(Explainer):
 
     need_grads = False
     need_relevance = False
+    rules = "chefer"
     eps = 1e-9
     alpha = 1.0
 
@@ -568,7 +945,7 @@ class ViTExplainer(Explainer):
         cfg = self.config
         blocks, owner = _find_blocks(model, cfg.blocks)
         prefix = _prefix_tokens(owner, cfg.prefix_tokens)
-        state = _State(getattr(cfg, "eps", self.eps), getattr(cfg, "alpha", self.alpha))
+        state = _State(getattr(cfg, "eps", self.eps), getattr(cfg, "alpha", self.alpha), self.rules)
         differentiate = self.need_grads or self.need_relevance
         if differentiate:
             require_autograd(self.registry_name or type(self).__name__, images)
@@ -576,7 +953,7 @@ class ViTExplainer(Explainer):
         # harmless (issue 17); without gradients the forward runs with it off (cheaper)
         with torch.set_grad_enabled(differentiate):
             x = images.detach().requires_grad_(differentiate)
-            with _traced(model, blocks, hooks, state, lrp=self.need_relevance) as tracer:
+            with traced(model, hooks, state, self.need_relevance, blocks, self.registry_name or "vit-lrp") as tracer:
                 output = model(x)
             bad = [(i, len(a)) for i, a in enumerate(tracer.attention) if len(a) != 1]
             if bad:
@@ -604,7 +981,8 @@ class ViTExplainer(Explainer):
 def rollout(layers: list[Tensor], start: int, normalise: bool) -> Tensor:
     """Product over blocks ``start..L-1`` of ``A_b + I`` (rows normalised if asked), (B, N, N)."""
     if not 0 <= start < len(layers):
-        raise InputError(f"start_layer={start} out of range for a model with {len(layers)} blocks")
+        raise InputError(f"start_layer={start} out of range for a model with {len(layers)} blocks "
+                         "(the default 1 follows the authors' scripts; pass start_layer=0 for a one-block model)")
     eye = torch.eye(layers[0].shape[-1], dtype=layers[0].dtype, device=layers[0].device)
     joint = None
     for a in layers[start:]:
