@@ -1,55 +1,73 @@
-"""Transformer attribution for Vision Transformers and the attention baselines it is compared to.
+"""Relevance propagation through any model built from torch operations, and the ViT explainers
+built on it: Chefer et al.'s transformer attribution and the attention baselines it is compared to.
 
 Chefer, Gur and Wolf, "Transformer Interpretability Beyond Attention Visualization" (CVPR 2021),
-as replicated in ``vit-lrp-affinitynet.txt`` (sections 4.1, 4.2, 5.2; Tables 2 and 3).
+as replicated in ``vit-lrp-affinitynet.txt`` (sections 4.1, 4.2, 5.2; Tables 2 and 3); Achtibat et
+al., "AttnLRP" (ICML 2024) for the ``attnlrp`` / ``cp-lrp`` rule sets used by ``lrp``
+(:mod:`foveal.explainers.lrp`, ``docs/lrp.md``).
 
-Registered here (all explainers for timm Vision Transformers: ``vit_*``, DeiT, the hybrid
-R50+ViT ``vit_base_r50_s16_*`` and any model with a ``blocks`` container of attention blocks):
+ViT explainers (timm ``vit_*``, DeiT, the hybrid R50+ViT ``vit_base_r50_s16_*`` and any model with
+a ``blocks`` container of attention blocks):
 
-* ``vit-lrp``: the paper's method. Relevance propagation (section 4.2) with LRP alpha1-beta0
-  for linear layers, the z-rule with the two-input normalisation for additions and matrix
-  products, identity for norms, activations and softmax; per block the attention relevance
-  ``R_b`` and the attention gradient ``G_b`` give ``mean_heads((G_b * R_b)^+)``; these are
-  rolled out with the identity from ``start_layer`` (no row normalisation, as in the authors'
-  code) and the class-token row over the patch tokens is the map.
+* ``vit-lrp``: the paper's method. Relevance propagation (section 4.2, rule set ``chefer``) with
+  LRP alpha1-beta0 for linear layers, the z-rule with the two-input normalisation for additions
+  and matrix products, identity for norms, activations and softmax; per block the attention
+  relevance ``R_b`` and the attention gradient ``G_b`` give ``mean_heads((G_b * R_b)^+)``; these
+  are rolled out with the identity from ``start_layer`` (default 1, as the authors' Table 2/3
+  scripts; no row normalisation, as in their code) and the class-token row over the patch tokens
+  is the map.
 * ``attention-rollout`` (Abnar & Zuidema 2020, column "rollout" of Tables 2/3): head-averaged
-  attention plus identity, row-normalised, multiplied over the blocks.
+  attention plus identity, row-normalised, multiplied over the blocks from ``start_layer``
+  (default 1, as the authors' scripts).
 * ``raw-attention`` (column "raw attention"): the last block's head-averaged attention,
   class row (alias ``vit-raw-attention``).
 * ``attn-grad-cam`` (column "GradCAM"): the last block's class-row attention per head weighted by
   that head's mean attention gradient, averaged over heads, positive part.
 * ``partial-lrp`` (Voita et al. 2019, column "partial LRP"): the last block's attention
-  relevance, positive part averaged over heads, class row.
+  relevance under the original LRP rules (rule set ``orig-lrp``, the authors' ``ViT_orig_LRP``),
+  positive part averaged over heads, class row.
 
-How the rules reach timm's modules without rewriting them
----------------------------------------------------------
+How the rules reach the model without rewriting it
+--------------------------------------------------
 During the explainer's forward pass a :class:`torch.overrides.TorchFunctionMode` sees every torch
-call made inside the transformer blocks and the head (the input of the first block is marked,
-and marks spread to every tensor computed from it). Calls on marked tensors are replaced by
-custom autograd functions with two backward modes sharing one forward graph:
+call. A starting tensor is marked (the first block's input for the ViT explainers, the image for
+``lrp``) and marks spread to every tensor computed from it. Calls on marked tensors are replaced
+by custom autograd functions with two backward modes sharing one forward graph:
 
-* ``grad``: the exact gradient (used for the attention gradients ``G_b``);
-* ``lrp``: the relevance rule, with relevance (not relevance / activation) carried in the
-  backward slot as in the authors' ``relprop``:
+* ``grad``: the exact gradient (used for the attention gradients ``G_b`` and the seed);
+* ``lrp``: the relevance rule of the :class:`RuleSet` (``RULE_SETS``: ``chefer``, ``orig-lrp``,
+  ``attnlrp``, ``cp-lrp``; the table is in :class:`RuleSet` and ``docs/lrp.md``), with relevance
+  (not relevance / activation) carried in the backward slot as in the authors' ``relprop``:
 
-  - ``F.linear`` (and ``x @ W`` with a constant 2-D ``W``): alpha-beta rule (alpha=1, beta=0)
-    without the bias, ``R_x = x+ . (S W+) + x- . (S W-)``, ``S = R / (x+ W+^T + x- W-^T)``;
-  - addition of two tensors (the residual connections): z-rule ``R_a = a . R / (a + b)`` then
-    the two-input normalisation of section 4.2 (each share rescaled so that
+  - ``F.linear``, convolutions (and ``x @ W`` with a constant 2-D ``W``): alpha-beta (Chefer:
+    ``R_x = x+ . (S W+) + x- . (S W-)``, ``S = R / (x+ W+^T + x- W-^T)``; original: each term
+    normalised by its own sum) or epsilon (``x . W^T (R / (W x + b + eps))``); z^B for the layer
+    reading the image under Chefer's rule sets;
+  - addition of two tensors (the residual connections): z-rule ``R_a = a . R / (a + b)``, then for
+    ``chefer`` the two-input normalisation of section 4.2 (each share rescaled so that
     ``|sum R_a| : |sum R_b|`` is kept and the total equals ``sum R``), sums taken **per sample**
-    so a batch is explained exactly like its images one by one;
+    so a batch is explained exactly like its images one by one; an added constant tensor takes its
+    share away;
   - product of two marked tensors (``q @ k^T``, ``attn @ v``, einsum, elementwise gates):
     z-rule on both operands, each halved -- the normalisation of section 4.2 reduces to this
-    because both operand relevances sum to ``sum R`` (the authors' code divides by 2);
-  - norms (LayerNorm, GroupNorm, RMSNorm), softmax, elementwise activations, multiplication or
-    division by a constant (``q * scale``, LayerScale): identity, ``R_x = R_y``;
+    because both operand relevances sum to ``sum R`` (the authors' code divides by 2), and it is
+    AttnLRP's epsilon-then-uniform rule;
+  - softmax: identity (Chefer), Proposition 3.1 (AttnLRP) or constant (CP-LRP);
+  - norms (LayerNorm, GroupNorm, RMSNorm): identity, or the std held constant (AttnLRP);
+    BatchNorm: identity or epsilon; elementwise activations, multiplication or division by a
+    constant (``q * scale``, LayerScale): identity, ``R_x = R_y``;
   - index selection (``x[:, 0]``, the class-token pooling): z-rule, ``R * y / (y + eps)``;
+    interpolation, pooling, means and sums: z-rule ``x . J^T (R / (y + eps))``;
   - reshapes, views, concatenation, eval-mode dropout: their gradient, which moves relevance
     without changing it. Any other op on marked tensors keeps its gradient and is reported once
     with a warning.
 
 Denominators are stabilised like the authors' ``safe_divide``: ``a / (b + eps)`` with
-``eps = 1e-9`` and 0 where ``b == 0``.
+``eps = 1e-9`` (Chefer's rule sets) and 0 where ``b == 0``.
+
+No graph outlives a call: nothing that a ``grad_fn`` reaches holds a tensor of the graph except
+through ``save_for_backward`` (the fork bookkeeping of :class:`_Node` is a counter; outputs are
+saved, not stored), so every explain frees its graph (issue 17: it leaked about 10 MB per call).
 
 timm's fused attention (``F.scaled_dot_product_attention``) hides the attention matrix, so every
 module's ``fused_attn`` flag is switched off for the call and restored afterwards (also on
@@ -61,23 +79,33 @@ Decisions where the sources differ
   one image); we sum per sample, so a batch gives exactly the maps of its images one by one.
 * The stabiliser is not a detail at 1e-6: over 12 blocks the ``eps`` placements change maps by
   up to 3e-3 relative. They are reproduced: at a fork (a tensor consumed twice, the residual
-  stream) the summed relevance gets ``y / (y + eps)`` (the authors' ``Clone``), the class-token
-  selection is a z-rule (their ``IndexSelect``), and a product whose operand was just scaled by
-  a constant (timm's ``q * scale @ k^T``) scales ``eps`` with it, giving the relevance of
-  ``(q @ k^T) * scale`` (their model). With ``eps = 0`` every variant agrees anyway.
+  stream; views of it count as the tensor) the summed relevance gets ``y / (y + eps)`` (the
+  authors' ``Clone``), the class-token selection is a z-rule (their ``IndexSelect``), and a
+  product whose operand was just scaled by a constant (timm's ``q * scale @ k^T``) scales ``eps``
+  with it, giving the relevance of ``(q @ k^T) * scale`` (their model). With ``eps = 0`` every
+  variant agrees anyway.
+* ``start_layer`` defaults to 1 for ``vit-lrp`` and ``attention-rollout``: the authors' Table 2/3
+  runs call ``generate_LRP(..., start_layer=1)`` and ``generate_rollout(..., start_layer=1)``
+  (``baselines/ViT/generate_visualizations.py``, ``imagenet_seg_eval.py``), although their
+  ``relprop`` and ``generate_rollout`` default to 0.
+* ``partial-lrp`` runs on the original LRP rules: the authors compute it with
+  ``orig_lrp.generate_LRP(method="last_layer")`` on ``ViT_orig_LRP`` (``modules/layers_lrp.py``),
+  not on their own rules.
 
 Fidelity check against the authors' code (out of band, not part of the package or its tests):
 the public ``hila-chefer/Transformer-Explainability`` code (``baselines/ViT/ViT_LRP.py``,
-``modules/layers_ours.py``, commit c3e578f) was run on CPU in float64 with the weights of
-randomly initialised timm ViTs (``vit_base_patch16_224`` full size and ``vit_tiny_patch16_224``,
-biases and norm parameters perturbed; ``load_state_dict`` strict, its final LayerNorm eps set to
-timm's 1e-6), ``relprop(one_hot, method="transformer_attribution", start_layer=s, alpha=1)``
-after ``one_hot . output`` was back-propagated. Our maps on the same timm model and image differ
-by at most 2.3e-15 relative (max |ours - ref| / max |ref|, also elementwise), for start_layer 0
-and 5; ``partial-lrp`` ("last_layer"), ``raw-attention`` ("last_layer_attn"),
-``attention-rollout`` (``generate_rollout``) and ``attn-grad-cam`` (``generate_cam_attn``)
-agree to 6e-16. The script and how to run it are in ``docs/wsss.md``. The test suite keeps an
-independent float64 re-derivation on a tiny ViT (``tests/test_vit_lrp.py``).
+``ViT_orig_LRP.py``, ``modules/layers_ours.py``, ``layers_lrp.py``, commit c3e578f) was run on CPU
+in float64 with the weights of randomly initialised timm ViTs (``vit_base_patch16_224`` full size
+and ``vit_tiny_patch16_224``, biases and norm parameters perturbed; ``load_state_dict`` strict, its
+final LayerNorm eps set to timm's 1e-6), ``relprop(one_hot, method="transformer_attribution",
+start_layer=s, alpha=1)`` after ``one_hot . output`` was back-propagated. Our maps on the same timm
+model and image differ by at most 2.3e-15 relative (max |ours - ref| / max |ref|, also
+elementwise), for start_layer 0 and 5; ``raw-attention`` ("last_layer_attn"),
+``attention-rollout`` (``generate_rollout``) and ``attn-grad-cam`` (``generate_cam_attn``) agree
+to 6e-16; ``partial-lrp`` equals ``ViT_orig_LRP``'s ``method="last_layer"`` to 2e-11 (12 blocks)
+and 5e-14 (4 blocks), and ``lrp`` with ``chefer`` / ``orig-lrp`` their ``method="full"`` to 2e-9.
+The scripts and how to run them are in ``docs/wsss.md``. The test suite keeps independent
+float64 re-derivations on a tiny ViT (``tests/test_vit_lrp.py``).
 """
 
 from __future__ import annotations
