@@ -301,3 +301,15 @@ def test_two_hundred_explains_leave_no_growth():
     gc.collect()
     assert sum(isinstance(o, torch.Tensor) for o in gc.get_objects()) <= tensors_before
     assert len(gc.get_objects()) - objects_before < 100
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rules", RULES)
+def test_lrp_on_cuda_equals_cpu(rules):
+    """Every rule on a CUDA model (convolutions, shifted windows, norms) gives the CPU's relevance."""
+    model, x = tiny_swin(), torch.randn(2, 3, 56, 56, dtype=torch.float64)
+    cpu = relevance(model, x, [1, 2], rules=rules)
+    cuda = relevance(model.cuda(), x.cuda(), [1, 2], rules=rules)
+    model.cpu()
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-7, atol=1e-9 * float(cpu.abs().max()))
