@@ -7,26 +7,27 @@ import torch
 from pydantic import Field
 
 from ..core.errors import InputError
-from .relevance import ViTExplainer, rollout
+from .relevance import ViTExplainer, rollout, start_layer
 
 Tensor = torch.Tensor
 
 
 class AttentionRollout(ViTExplainer):
     """Attention rollout (Abnar & Zuidema, ACL 2020), column "rollout" of Tables 2/3: head-mean
-    attention plus identity, rows normalised, multiplied from ``start_layer`` (default 1: the
-    authors' evaluation scripts call ``generate_rollout(data, start_layer=1)`` in
-    ``baselines/ViT/generate_visualizations.py`` and ``imagenet_seg_eval.py``); class row.
-    Class-agnostic (``targets`` are ignored)."""
+    attention plus identity, rows normalised, multiplied from ``start_layer`` (default 1, 0 for a
+    one-block model: the authors' evaluation scripts call ``generate_rollout(data,
+    start_layer=1)`` in ``baselines/ViT/generate_visualizations.py`` and ``imagenet_seg_eval.py``);
+    class row. Class-agnostic (``targets`` are ignored)."""
 
     class Config(ViTExplainer.Config):
-        start_layer: int = Field(1, ge=0, description="First block of the rollout (1, as in the authors' "
-                                 "Table 2/3 evaluation scripts; 0 rolls out every block).")
+        start_layer: int | None = Field(
+            None, ge=0, description="First block of the rollout; None = 1, as in the authors' Table 2/3 "
+            "evaluation scripts (0 for a one-block model); 0 rolls out every block.")
 
     def attribute(self, model, images, targets, hooks):
         t = self.trace(model, images, targets, hooks)
         layers = [a.mean(dim=1) for a in t.attention]
-        return t.to_map(rollout(layers, self.config.start_layer, normalise=True)[:, 0])
+        return t.to_map(rollout(layers, start_layer(self.config.start_layer, len(layers)), normalise=True)[:, 0])
 
 
 class LastBlockExplainer(ViTExplainer):

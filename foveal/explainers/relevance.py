@@ -1006,11 +1006,21 @@ class ViTExplainer(Explainer):
         return _Traced(attention, grads, relevance, prefix, grid)
 
 
+#: the first rolled-out block of the authors' Table 2/3 runs (generate_visualizations.py and
+#: imagenet_seg_eval.py call generate_LRP / generate_rollout with start_layer=1)
+AUTHORS_START_LAYER = 1
+
+
+def start_layer(configured: int | None, n_blocks: int) -> int:
+    """``start_layer`` of the config, or (None) the authors' 1 -- 0 for a one-block model, which
+    has no block 1."""
+    return min(AUTHORS_START_LAYER, n_blocks - 1) if configured is None else configured
+
+
 def rollout(layers: list[Tensor], start: int, normalise: bool) -> Tensor:
     """Product over blocks ``start..L-1`` of ``A_b + I`` (rows normalised if asked), (B, N, N)."""
     if not 0 <= start < len(layers):
-        raise InputError(f"start_layer={start} out of range for a model with {len(layers)} blocks "
-                         "(the default 1 follows the authors' scripts; pass start_layer=0 for a one-block model)")
+        raise InputError(f"start_layer={start} out of range for a model with {len(layers)} blocks")
     eye = torch.eye(layers[0].shape[-1], dtype=layers[0].dtype, device=layers[0].device)
     joint = None
     for a in layers[start:]:
