@@ -27,5 +27,5 @@ def register_components(register):
     register("raw-attention", RawAttention, aliases=("vit-raw-attention",))
     register("attn-grad-cam", AttentionGradCAM, aliases=("attention-grad-cam",))
     register("partial-lrp", PartialLRP)
-    register("lrp", LRP, aliases=("attnlrp",))
+    register("lrp", LRP)
     register("ca-attention", CaAttention, aliases=("ca-stream-attention",))
