@@ -17,6 +17,7 @@ from ..explainers.gradient_cams import (
     XGradCAM,
 )
 from ..explainers.input_gradients import GradientXInput, IntegratedGradients, SmoothGrad
+from ..explainers.lrp import LRP
 from ..explainers.score_cams import AblationCAM, AbsCAM, ScoreCAM
 from ..explainers.vit_lrp import TransformerAttribution
 from ..registry import hookimpl
@@ -47,4 +48,5 @@ def register_components(register):
     register("raw-attention", RawAttention, aliases=("vit-raw-attention",))
     register("attn-grad-cam", AttentionGradCAM, aliases=("attention-grad-cam",))
     register("partial-lrp", PartialLRP)
+    register("lrp", LRP)
     register("ca-attention", CaAttention, aliases=("ca-stream-attention",))
