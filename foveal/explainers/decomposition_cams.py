@@ -48,7 +48,7 @@ class DecompositionCAM(CAMBase):
 
 
 class EigenCAM(DecompositionCAM):
-    """Eigen-CAM (Muhammad & Yeasin, IJCNN 2020, arXiv 2008.00299, section 3): the activations
+    """Eigen-CAM (Muhammad & Yeasin, IJCNN 2020, arXiv 2008.00299, method section): the activations
     ``A`` (positions x channels) are factorised by SVD, ``A = U S V^T``, and the map is their
     projection on the first right singular vector, ``A v_1``. As "principal components" (and
     pytorch-grad-cam's ``EigenCAM``), the channels are centred over the positions first

@@ -100,7 +100,7 @@ def layercam_map(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 class HiResCAM(GradientCAMBase):
-    """HiResCAM (Draelos & Carin, 2020, arXiv 2011.08891, section 3): the gradient multiplies the
+    """HiResCAM (Draelos & Carin, 2020, arXiv 2011.08891, its definition): the gradient multiplies the
     activations element-wise instead of being averaged per channel, ``sum_k dy^c/dA^k (.) A^k``,
     so only locations the score actually depends on are highlighted (for a CNN ending in one
     fully connected layer it equals CAM). ``relu=True`` (default) keeps the positive evidence, as
@@ -251,7 +251,7 @@ _FINER_BASES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
 
 
 class FinerCAM(GradientCAMBase):
-    """Finer-CAM (Zhang et al., CVPR 2025, arXiv 2501.11309, section 3): a gradient CAM of the
+    """Finer-CAM (Zhang et al., CVPR 2025, arXiv 2501.11309, method section): a gradient CAM of the
     *difference* between the target class and its most similar classes instead of the target
     logit alone, which suppresses the evidence the classes share.
 

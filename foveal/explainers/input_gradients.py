@@ -103,8 +103,8 @@ class InputGradientExplainer(Explainer):
 
 
 class GradientXInput(InputGradientExplainer):
-    """Gradient x input (Shrikumar et al., 2016, "Not just a black box", section 2; DeepLIFT
-    paper's baseline): attribution ``x * dy^c/dx``, reduced over channels (``abs-sum`` by
+    """Gradient x input (Shrikumar et al., 2016, "Not just a black box", arXiv 1605.01713; the
+    DeepLIFT papers' baseline): attribution ``x * dy^c/dx``, reduced over channels (``abs-sum`` by
     default). Equals captum's ``InputXGradient``. One forward and one backward."""
 
     def attributions(self, model: nn.Module, images: torch.Tensor, targets: Targets) -> torch.Tensor:
@@ -115,8 +115,8 @@ class GradientXInput(InputGradientExplainer):
 def path_weights(steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
     """Quadrature nodes ``alpha`` in [0, 1] and weights for ``int_0^1 f(alpha) d alpha``:
 
-    * ``riemann_right``: ``alpha = k / m``, k = 1..m, weights ``1/m`` (Sundararajan et al.
-      eq. 3); ``riemann_left``: k = 0..m-1; ``riemann_middle``: ``(k - 1/2) / m``;
+    * ``riemann_right``: ``alpha = k / m``, k = 1..m, weights ``1/m`` (Sundararajan et al.'s
+      Riemann-sum approximation); ``riemann_left``: k = 0..m-1; ``riemann_middle``: ``(k - 1/2) / m``;
     * ``riemann_trapezoid``: the composite trapezoid rule on ``m`` equally spaced nodes
       including both ends (weights ``1/(m-1)``, halved at the ends; they sum to 1);
     * ``gausslegendre``: ``numpy.polynomial.legendre.leggauss(m)`` mapped to [0, 1] (captum's
@@ -140,11 +140,11 @@ def path_weights(steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class IntegratedGradients(InputGradientExplainer):
-    """Integrated gradients (Sundararajan et al., ICML 2017, section 3, eq. 1-3): attribution
+    """Integrated gradients (Sundararajan et al., ICML 2017, eq. 1 and its Riemann sum): attribution
     ``(x - x') * int_0^1 dy^c/dx (x' + alpha (x - x')) d alpha`` with baseline ``x'`` (a
     constant image, ``baseline`` in the model's input space: 0 is the black image only for
     unnormalised inputs), the integral approximated with ``steps`` nodes of ``method``
-    (default ``riemann_right``, the Riemann sum of eq. 3; ``gausslegendre`` is captum's
+    (default ``riemann_right``, the paper's Riemann sum; ``gausslegendre`` is captum's
     default). Completeness (Proposition 1): the attributions sum to ``y(x) - y(x')`` up to the
     quadrature error. The B x ``steps`` interpolated images run in chunks of ``batch_size``.
 
@@ -156,7 +156,8 @@ class IntegratedGradients(InputGradientExplainer):
     class Config(InputGradientConfig):
         steps: int = Field(50, ge=2, description="Number of nodes on the straight path (paper: 20-300).")
         method: Literal["riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"] = \
-            Field("riemann_right", description="Quadrature rule (riemann_right = eq. 3; gausslegendre = captum's).")
+            Field("riemann_right", description="Quadrature rule (riemann_right = the paper's Riemann sum; "
+                  "gausslegendre = captum's default).")
         baseline: float = Field(0.0, description="Constant baseline image value, in the model's input space.")
         batch_size: int = Field(32, ge=1, description="Interpolated images per forward/backward (chunk size).")
 
@@ -182,7 +183,7 @@ class IntegratedGradients(InputGradientExplainer):
 
 
 def image_noise(images: torch.Tensor, n: int, noise_level: float, seed: int) -> torch.Tensor:
-    """SmoothGrad noise (Smilkov et al. 2017, section 3): ``(n, B, C, H, W)``, image ``i``'s
+    """SmoothGrad noise (Smilkov et al. 2017): ``(n, B, C, H, W)``, image ``i``'s
     samples ``sigma_i * randn((n, C, H, W))`` with ``sigma_i = noise_level * (max_i - min_i)``.
 
     Every image's ``randn`` is the same draw from a CPU ``torch.Generator`` seeded with ``seed``
@@ -198,7 +199,7 @@ def image_noise(images: torch.Tensor, n: int, noise_level: float, seed: int) -> 
 
 
 class SmoothGrad(InputGradientExplainer):
-    """SmoothGrad (Smilkov et al., 2017, section 3, eq. 4): the gradient saliency averaged over
+    """SmoothGrad (Smilkov et al., 2017, arXiv 1706.03825): the gradient saliency averaged over
     ``n_samples`` noisy copies ``x + N(0, sigma^2)``, ``sigma = noise_level * (max - min)`` of
     each image (the paper's noise level; 10-20 % work well). The per-sample saliency is
     ``|dy^c/dx|`` (``absolute=True``, captum's ``Saliency`` default) or the signed gradient;

@@ -237,7 +237,7 @@ class AbsCAM(ScoreWeightedCAM):
 
 
 class AblationCAM(CAMBase):
-    """Ablation-CAM (Desai & Ramaswamy, WACV 2020, section 3): the weight of channel k is the
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020, method section): the weight of channel k is the
     relative drop of the target score when the channel's activation map is set to zero,
     ``w_k = (y^c - y^c_k) / y^c``, map ``ReLU(sum_k w_k A^k)``.
 
