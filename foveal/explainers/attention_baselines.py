@@ -15,7 +15,7 @@ Tensor = torch.Tensor
 class AttentionRollout(ViTExplainer):
     """Attention rollout (Abnar & Zuidema, ACL 2020), column "rollout" of Tables 2/3: head-mean
     attention plus identity, rows normalised, multiplied from ``start_layer``; class row.
-    Class-agnostic (``targets`` are ignored)."""
+    Class-agnostic (``targets`` are checked, then ignored)."""
 
     class Config(ViTExplainer.Config):
         start_layer: int = Field(0, ge=0, description="First block of the rollout.")

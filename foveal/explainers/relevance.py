@@ -573,6 +573,8 @@ class ViTExplainer(Explainer):
                 seed = torch.autograd.grad(scores.sum(), output, retain_graph=True)[0]
                 state.mode = "lrp"
                 relevance = list(torch.autograd.grad(output, attention, seed))
+        else:
+            target_scores(output, targets)  # class-agnostic methods ignore the targets, but check them
         n = attention[0].shape[-1]
         grid = token_grid(owner, n - prefix, tuple(images.shape[-2:]))
         attention = [a.detach() for a in attention]
