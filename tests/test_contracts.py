@@ -641,3 +641,46 @@ def test_metric_and_network_checks_catch_broken_components():
         check_metric(Hits(), s, masks, value_range=(0, 0.5))
     with pytest.raises(AssertionError, match="one by one"):
         check_pooling(BatchMeanPooling(), rand(2, 4, 3, 3))
+
+
+# --- one spelling in public names -------------------------------------------------------------
+
+#: (module, name) kept with the old spelling as a deprecated alias only
+DEPRECATED_SPELLINGS = {("foveal.explainers.relevance", "normalise")}
+
+
+def test_public_names_spell_normalize():
+    """Functions, parameters, config fields, attributes, keywords and CLI flags say "normalize"
+    (the torch/numpy spelling); prose and comments may say normalise. An old spelling survives
+    only as a deprecated alias listed in DEPRECATED_SPELLINGS."""
+    offenders = []
+    for module, path in foveal_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.append(node.name)
+            elif isinstance(node, ast.arg):
+                names.append(node.arg)
+            elif isinstance(node, ast.keyword) and node.arg:
+                names.append(node.arg)
+            elif isinstance(node, (ast.AnnAssign, ast.Assign)):
+                targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
+                names += [t.id if isinstance(t, ast.Name) else t.attr for t in targets
+                          if isinstance(t, (ast.Name, ast.Attribute))]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("--"):
+                names.append(node.value)  # a CLI flag
+            for name in names:
+                if "normalis" in name.lower() and (module, name) not in DEPRECATED_SPELLINGS:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert not offenders, "spell public names 'normalize' (keep a deprecated alias for a rename):\n" + "\n".join(
+        offenders)
+
+
+def test_rollout_old_spelling_is_a_deprecated_alias():
+    from foveal.explainers.relevance import rollout
+
+    layers = [torch.rand(2, 5, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with pytest.warns(DeprecationWarning, match="normalize="):
+        old = rollout(layers, 1, normalise=True)
+    assert torch.equal(old, rollout(layers, 1, normalize=True))
+    assert not torch.allclose(old, rollout(layers, 1, normalize=False))

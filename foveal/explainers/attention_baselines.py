@@ -23,7 +23,7 @@ class AttentionRollout(ViTExplainer):
     def attribute(self, model, images, targets, hooks):
         t = self.trace(model, images, targets, hooks)
         layers = [a.mean(dim=1) for a in t.attention]
-        return t.to_map(rollout(layers, self.config.start_layer, normalise=True)[:, 0])
+        return t.to_map(rollout(layers, self.config.start_layer, normalize=True)[:, 0])
 
 
 class LastBlockExplainer(ViTExplainer):

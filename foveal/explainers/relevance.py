@@ -581,15 +581,22 @@ class ViTExplainer(Explainer):
         return _Traced(attention, grads, relevance, prefix, grid)
 
 
-def rollout(layers: list[Tensor], start: int, normalise: bool) -> Tensor:
-    """Product over blocks ``start..L-1`` of ``A_b + I`` (rows normalised if asked), (B, N, N)."""
+def rollout(layers: list[Tensor], start: int, normalize: bool | None = None, *,
+            normalise: bool | None = None) -> Tensor:
+    """Product over blocks ``start..L-1`` of ``A_b + I`` (rows normalised if ``normalize``),
+    (B, N, N). ``normalise`` is the deprecated spelling of ``normalize``."""
+    if normalise is not None:
+        warnings.warn("rollout(normalise=...) is deprecated; use normalize=...", DeprecationWarning, stacklevel=2)
+        normalize = normalise if normalize is None else normalize
+    if normalize is None:
+        raise TypeError("rollout() missing the argument 'normalize'")
     if not 0 <= start < len(layers):
         raise InputError(f"start_layer={start} out of range for a model with {len(layers)} blocks")
     eye = torch.eye(layers[0].shape[-1], dtype=layers[0].dtype, device=layers[0].device)
     joint = None
     for a in layers[start:]:
         a = a + eye
-        if normalise:
+        if normalize:
             a = a / a.sum(dim=-1, keepdim=True)
         joint = a if joint is None else a.bmm(joint)
     return joint
