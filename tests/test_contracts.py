@@ -130,6 +130,7 @@ MODELS: dict[str, TinyModel] = {
     "vit": TinyModel(lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
                                                num_classes=3), 32, None),
     "ca-classifier": TinyModel(lambda: registry.build("ca-stream-classifier", **TINY_CLASSIFIER), 64, "net.layer4"),
+    "segmenter": TinyModel(lambda: registry.build("rta-former-t", width=16), 64, None),  # logits (B, 1, H, W)
 }
 
 
@@ -162,15 +163,18 @@ def derivation(name: str) -> str:
     if kind == "explainer":
         return f"{cls.__name__} explains the {model_key(name)!r} model with options {options(name)}"
     if kind == "metric":
-        return f"{cls.__name__} (family {cls.family!r}) runs with options {options(name)}"
+        value_range = CASES.get(name, Case()).value_range or (0, 1)
+        return f"{cls.__name__} (family {cls.family!r}) runs with options {options(name)}, values in {value_range}"
     return f"{cls.__name__} ({kind}) is built with options {options(name)}"
 
 
 def hint(name: str, contract: str) -> str:
-    return (f"\n{name}: {derivation(name)} (defaults derived from its class; see tests/test_contracts.py). If it "
-            f"needs another model, options or inputs, add CASES[{name!r}] = Case(model=..., options={{...}}, "
-            f"inputs=...) there; if it breaks the {contract!r} contract knowingly, add "
-            f"xfail={{{contract!r}: 'reason'}} and report it.")
+    kind = registry.entry(name).kind
+    fields = {"explainer": f"model={' | '.join(map(repr, MODELS))}, options={{...}}",
+              "metric": "value_range=(lo, hi), options={...}"}.get(kind, "options={...}, inputs=lambda comp: (...)")
+    return (f"\n{name}: {derivation(name)} (defaults derived from its class). If it needs something else, add "
+            f"CASES[{name!r}] = Case({fields}) in tests/test_contracts.py; if it breaks the {contract!r} contract "
+            f"knowingly, add xfail={{{contract!r}: 'reason'}} there and report it.")
 
 
 def run(name: str, contract: str, fn: Callable[[], Any]) -> Any:
@@ -260,7 +264,7 @@ class DisturbedState:
 @pytest.mark.parametrize("name", params(None, "round-trip"))
 def test_round_trip_with_equal_outputs(name, built):
     """Build, config JSON, registry info, save/load; networks give the same outputs after load."""
-    inputs = inputs_for(name, build(built, name)) if is_network(name) else ()
+    inputs = run(name, "round-trip", lambda: inputs_for(name, build(built, name))) if is_network(name) else ()
     run(name, "round-trip", lambda: check_component(name, *inputs, **options(name)))
 
 
@@ -371,7 +375,7 @@ def test_metric_contract(name, zoo, built):
     """(B,) values in the documented range, inputs and model left as found, deterministic,
     batch-independent, aggregate = mean over counted samples (or the pooled statistics)."""
     m = build(built, name)
-    args, kwargs = metric_inputs(name, m, zoo)
+    args, kwargs = run(name, "compute", lambda: metric_inputs(name, m, zoo))
     value_range = CASES.get(name, Case()).value_range or (0.0, 1.0)
     run(name, "compute", lambda: check_metric(m, *args, value_range=value_range, **kwargs))
 
@@ -379,7 +383,7 @@ def test_metric_contract(name, zoo, built):
 @pytest.mark.parametrize("name", params("metric", "errors"))
 def test_metric_input_errors(name, zoo, built):
     m = build(built, name)
-    args, kwargs = metric_inputs(name, m, zoo)
+    args, kwargs = run(name, "errors", lambda: metric_inputs(name, m, zoo))
     run(name, "errors", lambda: check_metric_errors(m, *args, **kwargs))
 
 
