@@ -119,7 +119,7 @@ def train_segmenter(data: Path, out: Path, s: dict, seed: int, progress: bool, r
     from ..training.segmentation import evaluate, format_table, predict_probabilities, train
 
     result = train(data=str(data), out=str(out), model="rta-former-t", epochs=s["epochs"], batch_size=8,
-                   size=s["size"], scales=[1.0], lr=s["lr"], seed=seed, progress=progress)
+                   size=s["size"], scales=[1.0], lr=s["lr"], seed=seed, progress=progress, overwrite=True)
     model = result["model"].eval()
     scores = evaluate(model, data, size=s["size"], progress=progress)
     table = format_table(scores)
