@@ -20,6 +20,7 @@ contract with the reason. A failing default says which entry to add.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ CASES: dict[str, Case] = {
     # the last stage of a GAP network has an input-independent gradient: the noise would change nothing
     "smoothgrad-cam++": Case(options={"n_samples": 2, "target_layer": "layer3"}),
     "ca-attention": Case(model="ca-classifier"),
-    # metrics (insertion/deletion: fewer steps; the rest of the [0, 1] default)
+    # metrics: the documented range where it is not [0, 1]; fewer steps for insertion/deletion
     "average-drop": Case(value_range=(0, 100)),
     "average-increase": Case(value_range=(0, 100)),
     "average-gain": Case(value_range=(0, 100)),
@@ -185,7 +186,7 @@ def run(name: str, contract: str, fn: Callable[[], Any]) -> Any:
         raise AssertionError(f"{type(e).__name__}: {e}{hint(name, contract)}") from e
 
 
-def params(kind: str, contract: str, *, only: Callable[[str], bool] = lambda n: True) -> list:
+def params(kind: str | None, contract: str, *, only: Callable[[str], bool] = lambda n: True) -> list:
     """``registry.names(kind)`` as pytest params, with the table's strict xfails."""
     out = []
     for name in registry.names(kind):
@@ -217,6 +218,13 @@ class Zoo:
             else:
                 self._models[key, dtype] = copy.deepcopy(self.get(key)).to(dtype)
         return self._models[key, dtype]
+
+    def targets(self, key: str, batch: int) -> list[int]:
+        """Different class targets for the images, within the model's K outputs."""
+        size = MODELS[key].size
+        with torch.no_grad():
+            k = self.get(key)(torch.zeros(1, 3, size, size)).shape[1]
+        return [(0, 2, 1)[i % 3] % k for i in range(batch)]
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +313,7 @@ def explainer_setup(name: str, zoo: Zoo, built: dict, batch: int = 2, dtype=torc
     key = model_key(name)
     model = zoo.get(key, dtype)
     x = rand(batch, 3, MODELS[key].size, MODELS[key].size, dtype=dtype)
-    return build(built, name), model, x, [0, 2, 1][:batch]
+    return build(built, name), model, x, zoo.targets(key, batch)
 
 
 @pytest.mark.parametrize("name", params("explainer", "explain"))
@@ -372,12 +380,15 @@ def metric_inputs(name: str, metric: Metric, zoo: Zoo) -> tuple[tuple, dict]:
 
 @pytest.mark.parametrize("name", params("metric", "compute"))
 def test_metric_contract(name, zoo, built):
-    """(B,) values in the documented range, inputs and model left as found, deterministic,
-    batch-independent, aggregate = mean over counted samples (or the pooled statistics)."""
+    """(B,) values in the documented range, inputs and model (train mode, a frozen parameter, an
+    existing .grad) left as found, deterministic, batch-independent, aggregate = mean over
+    counted samples (or the pooled statistics)."""
     m = build(built, name)
     args, kwargs = run(name, "compute", lambda: metric_inputs(name, m, zoo))
     value_range = CASES.get(name, Case()).value_range or (0.0, 1.0)
-    run(name, "compute", lambda: check_metric(m, *args, value_range=value_range, **kwargs))
+    model = next((a for a in args if isinstance(a, nn.Module)), None)
+    with DisturbedState(model) if model is not None else contextlib.nullcontext():
+        run(name, "compute", lambda: check_metric(m, *args, value_range=value_range, **kwargs))
 
 
 @pytest.mark.parametrize("name", params("metric", "errors"))
