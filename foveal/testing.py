@@ -92,7 +92,8 @@ def check_component(name: str, *inputs: Any, **overrides: Any) -> Any:
 def check_deterministic(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` twice, after seeding torch's global generator differently, gives
     bit-identical results (NaN where NaN). Stochastic methods must draw from their own seeded
-    generator, not from the global one. The global generator is restored afterwards."""
+    generator, not from the global one. The global generator is restored afterwards. On a GPU,
+    some kernels are nondeterministic unless ``torch.use_deterministic_algorithms(True)``."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(12345)
