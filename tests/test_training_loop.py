@@ -238,7 +238,8 @@ def test_cli_train_refuses_resumes_and_overwrites(polyps, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(out) in err and "--resume" in err and "--overwrite" in err
     assert (out / "model.safetensors").read_bytes() == b"trained weights"
-    assert main(["train", str(polyps), "--out", str(out), *SEG, "--overwrite"]) == 0
+    with pytest.warns(UserWarning, match="random weights"):
+        assert main(["train", str(polyps), "--out", str(out), *SEG, "--overwrite"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1] and records[0]["loss"] != 0.5
     capsys.readouterr()

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_state, load_weights, save_state
+from .checkpoint import atomic_write_bytes, load_state, load_weights, remove_stale_temp_files, save_state
 from .errors import CheckpointError, InputError
 from .tensors import resolve_device
 
@@ -195,7 +195,7 @@ class MetricsLog:
         """Drop records of epochs > ``epoch`` (written after the checkpoint a resume starts from)."""
         if self.enabled and self.path.exists():
             keep = [r for r in self.read() if r.get("epoch", 0) <= epoch]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            atomic_write_bytes("".join(json.dumps(r) + "\n" for r in keep).encode(), self.path)
 
 
 def distributed_env() -> bool:
@@ -267,14 +267,15 @@ class TrainingRun:
        its model. ``out`` *holds a run* when it has ``last.safetensors``, a non-empty log or one of
        ``outputs``: ``resume`` continues it (a folder without a run starts one); ``overwrite``
        deletes those files and starts afresh; neither refuses with an :class:`InputError` naming
-       the folder and both ways out. Only rank 0 writes; the others wait for it. ``start`` then
-       remembers what each checkpoint saves (model, optimiser, scheduler, ``identity``: plain
-       values such as the model name and config; ``stateful``: further objects with
-       ``state_dict``/``load_state_dict``, e.g. a GradScaler or a data source's position) and,
-       when resuming, loads ``last.safetensors`` into them (weights, optimiser, scheduler, items,
-       RNG streams; a state written for another ``identity`` is refused in one line by
-       :func:`check_same_run`), sets ``run.start_epoch`` / ``run.step`` and drops log records of
-       later epochs.
+       the folder and both ways out. Stale temporary files of interrupted writes of the run's
+       files are removed (:func:`~foveal.core.checkpoint.remove_stale_temp_files`, never anything
+       else). Only rank 0 writes; the others wait for it. ``start`` then remembers what each
+       checkpoint saves (model, optimiser, scheduler, ``identity``: plain values such as the model
+       name and config; ``stateful``: further objects with ``state_dict``/``load_state_dict``, e.g.
+       a GradScaler or a data source's position) and, when resuming, loads ``last.safetensors``
+       into them (weights, optimiser, scheduler, items, RNG streams; a state written for another
+       ``identity`` is refused in one line by :func:`check_same_run`), sets ``run.start_epoch`` /
+       ``run.step`` and drops log records of later epochs.
     3. ``wrap`` returns the model wrapped in ``DistributedDataParallel`` when ``run.world > 1``.
     4. ``fit`` runs epochs ``start_epoch .. epochs - 1``. Each epoch it calls ``batches(epoch)``
        (which sets the model's training mode and returns the epoch's batches, seeded by the epoch
@@ -348,6 +349,8 @@ class TrainingRun:
             if self._overwrite:
                 for path in found:
                     path.unlink()
+            for path in (self.last, self.log.path, *self.outputs):
+                remove_stale_temp_files(path)
             self.out.mkdir(parents=True, exist_ok=True)
         if self.world > 1:
             dist.barrier()
@@ -399,8 +402,10 @@ class TrainingRun:
                 for key, value in values.items():
                     value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
                     sums[key] = sums[key] + value if key in sums else value
-                if show and "loss" in sums:
-                    bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}")
+                if show:  # the running epoch summary of this process
+                    running = {k: float(v) for k, v in sums.items()}
+                    shown = summarize(running) if summarize else {k: v / steps for k, v in running.items()}
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items() if isinstance(v, float)}, refresh=False)
             if scheduler is not None and scheduler_interval == "epoch":
                 scheduler.step()
             totals, total_steps = self._sum_over_processes(sums, steps)

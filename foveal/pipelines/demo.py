@@ -153,7 +153,7 @@ def explain_segmenter(model, data: Path, s: dict, progress: bool, report: Report
     from ..data.polyp import PolypDataset, find_test_sets
 
     folder = next(iter(find_test_sets(data).values()))
-    ds = PolypDataset(folder, size=s["size"])
+    ds = PolypDataset(folder, size=s["size"], soft_masks=False)  # binary masks for the localisation metrics
     n = min(s["explain_images"], len(ds))
     images = torch.stack([ds[i][0] for i in range(n)])
     masks = torch.stack([ds[i][1][0] for i in range(n)]).bool()

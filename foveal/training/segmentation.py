@@ -13,7 +13,14 @@ Reference choices, kept on purpose:
   Polyp-PVT ``clip_gradient``, 0.5); ``clip_mode="norm"`` clips the global norm instead;
 * the learning rate is multiplied by 0.1 every ``lr_decay_epochs`` (Polyp-PVT: 200, so constant
   over 100 epochs), stepped per epoch;
-* ``batch_size`` is the global batch: with torchrun each of W processes takes batch_size / W.
+* ``batch_size`` is the global batch: with torchrun each of W processes takes batch_size / W;
+* masks are read as the reference ``utils/dataloader.py`` reads them (:class:`PolypDataset`):
+  for training the grey mask resized with PIL's bilinear filter and kept soft in [0, 1]; for
+  evaluation the ground truth at its own size, binarised with ``> 128`` as the evaluation
+  toolbox does;
+* the encoder is ImageNet-pretrained in the paper ("a pre-trained PVTv2", sec. II.B): training
+  without ``backbone_weights`` warns once (:func:`pretraining_warnings`) and records the warning
+  in the first record of ``metrics.jsonl``.
 
 Exact resume: each epoch's shuffling and flips come from generators seeded with
 ``(seed, epoch, rank)``, and ``<out>/last.safetensors`` (written atomically at the end of every
@@ -39,7 +46,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from .. import registry
-from ..core.checkpoint import load_state, load_weights
+from ..core.checkpoint import check_config_fields, load_state, load_weights
 from ..core.errors import CheckpointError, InputError
 from ..core.training import TrainingRun, seed_everything
 from ..data.images import list_images, read_rgb, to_tensor
@@ -217,8 +224,27 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         # mean loss over every optimiser step; "steps" counts one process's steps
         return {"loss": sums["loss"] / max(sums["steps"], 1), "steps": int(sums["steps"]) // run.world}
 
-    history = run.fit(batches, step, summarize=summarize, export=lambda: save(model, run.out / "model.safetensors"))
+    history = run.fit(batches, step, summarize=summarize, export=lambda: save(model, run.out / "model.safetensors"),
+                      warnings=pretraining_warnings(model))
     return {"model": model, "history": history, "out": run.out}
+
+
+def pretraining_warnings(model: nn.Module) -> list[str]:
+    """The warning :func:`train` issues (once, and in the first record of ``metrics.jsonl``) when
+    the encoder starts from random weights: RTA-Former uses "a pre-trained PVTv2" (rta-former.txt
+    sec. II.B), the ImageNet-1k PVTv2 weights that Polyp-PVT, whose protocol sec. III.C follows,
+    loads. Any model whose config has ``backbone_weights`` is checked; others get no warning."""
+    config = getattr(model, "config", None)
+    if config is None or "backbone_weights" not in type(config).model_fields:
+        return []
+    if config.backbone_weights or (getattr(config, "backbone_options", None) or {}).get("weights"):
+        return []
+    backbone = getattr(config, "backbone", "")
+    weights = backbone.replace("-", "_") + ".pth" if backbone.startswith("pvt-v2-") else "WEIGHTS"
+    name = getattr(model, "registry_name", None) or type(model).__name__
+    return [f"{name}: the encoder ({backbone or 'backbone'}) starts from random weights, while the paper "
+            "(rta-former.txt sec. II.B, III.C) trains from an ImageNet-pretrained PVTv2; pass --backbone-weights "
+            f"{weights} (backbone_weights=...) with the official PVTv2 weights to compare with its results"]
 
 
 # --- loading, evaluation, prediction -----------------------------------------------------------
@@ -237,7 +263,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         extra = state.get("extra") or {}
         if "model" not in extra:
             raise CheckpointError(f"{path}: training state without the model name; cannot rebuild the model") from None
+        cls = registry.entry(extra["model"]).cls
         config = extra.get("model_config", {})
+        check_config_fields(cls.Config, config, component=extra["model"], source=path)
+        # initial weight files do not matter (the state's tensors replace them) and may be gone
+        config = {k: v for k, v in config.items() if k not in cls.checkpoint_exclude}
         model = registry.build(extra["model"], **config)
         load_weights(model, state["model"], source=str(path))
         return model.to(device)
