@@ -103,6 +103,9 @@ def check_model_dtype(model: nn.Module, images: torch.Tensor, name: str = "image
     except TypeError:  # pragma: no cover - torch without the device_type argument
         if torch.is_autocast_enabled():
             return
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if first is None or first.dtype == images.dtype:
+        return  # the common case costs one parameter lookup; the full scan only runs on a mismatch
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dtypes) == 1:
         (dtype,) = dtypes
