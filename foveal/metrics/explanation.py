@@ -1,7 +1,7 @@
 """Faithfulness metrics of saliency maps: the model's score on images masked by the map.
 
-Functional, batched and device-agnostic; the registered components in
-The metric components at the end of this module wrap these functions. Conventions shared by every function here:
+Functional, batched and device-agnostic; the metric components at the end of this module wrap
+these functions. Conventions shared by every function here:
 
 * **Score** (``output``): ``"probability"`` = softmax over dim 1 of the model output, then the
   target's entry; ``"logit"`` = the raw output entry. Segmentation outputs (B, K, H, W) go
@@ -24,6 +24,9 @@ The metric components at the end of this module wrap these functions. Convention
   increasing transforms of the map that create no new ties.
 * **Counts**: a fraction ``f`` of ``n`` pixels is ``floor(f * n)`` pixels (Chefer et al.'s
   ``int(n * f)``).
+* **Model outputs**: reduced to logits by :func:`~foveal.core.explainer.select_output` (a
+  tensor, ``.logits``, a ``"logits"``/``"out"`` entry, a tuple's first tensor; keyword
+  ``output_selector`` for anything else); images must have the model's parameter dtype.
 * The model is left as found (:func:`~foveal.core.modules.preserved_model_state`, eval mode) and
   run under ``torch.no_grad``; inputs are not modified; per-sample results do not depend on
   the batch (each perturbed image is scored on its own row); results are (B,) tensors of the

@@ -6,6 +6,9 @@ either cumulatively (``"cascading"``) or one at a time (``"independent"``), expl
 images with the same explainer after each step, and compares each map with the map of the
 trained model by Spearman rank correlation and SSIM. A method that passes the check produces
 maps that decorrelate as layers are randomised. :func:`plot_randomisation` draws the curves.
+:func:`mprt` summarises one mode per explainer as Quantus' ``MPRT`` does (the mean over the
+randomised top-k layers and the value after the last one; :func:`mprt_table` for several
+explainers); docs/metrics.md lists where the two differ.
 
 Conventions (the paper's, unless stated):
 
@@ -16,7 +19,7 @@ Conventions (the paper's, unless stated):
 * a layer is randomised by its own ``reset_parameters()`` (PyTorch's default initialisation;
   norm layers also reset running statistics) under a seeded generator, parameters without one
   get a Gaussian of the same mean and standard deviation; the user's model is never touched
-  (a deep copy is randomised);
+  (a deep copy is randomised; in independent mode each layer is restored after its step);
 * Spearman correlation uses average ranks for ties (``scipy.stats.spearmanr``) over all pixels
   of the maps, optionally of their absolute values (``absolute=True``, the paper's variant for
   signed maps); SSIM is scikit-image's ``structural_similarity`` default (7x7 uniform window,
