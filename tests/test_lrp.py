@@ -272,8 +272,8 @@ def test_no_grad_inference_mode_and_errors():
     expected = registry.build("lrp").explain(m, x, 1)
     with torch.no_grad():
         assert torch.equal(registry.build("lrp").explain(m, x, 1), expected)
-    with torch.inference_mode(), pytest.raises(InputError, match="inference_mode"):
-        registry.build("lrp").explain(m, x, 1)
+    with torch.inference_mode():  # explain() leaves inference mode for the call (branch robust)
+        assert torch.equal(registry.build("lrp").explain(m, x, 1), expected)
     with pytest.raises(Exception, match="rules"):
         registry.build("lrp", rules="gamma")
 
