@@ -45,7 +45,6 @@ from foveal.core import (
     preserved_model_state,
     target_scores,
 )
-from foveal.core.errors import InputError
 from foveal.explainers.cam import CAMBase
 from foveal.explainers.relevance import ViTExplainer
 from foveal.testing import (
@@ -97,8 +96,6 @@ CASES: dict[str, Case] = {
     # the last stage of a GAP network has an input-independent gradient: the noise would change nothing
     "smoothgrad-cam++": Case(options={"n_samples": 2, "target_layer": "layer3"}),
     "ca-attention": Case(model="ca-classifier"),
-    # made for transformers; on ResNets it stops at their in-place residual add (test_lrp_on_a_resnet)
-    "lrp": Case(model="vit"),
     # metrics: the documented range where it is not [0, 1]; fewer steps for insertion/deletion
     "average-drop": Case(value_range=(0, 100)),
     "average-increase": Case(value_range=(0, 100)),
@@ -359,10 +356,8 @@ def test_explainer_input_errors(name, zoo, built):
     run(name, "errors", lambda: check_explainer_errors(e, model, x))
 
 
-@pytest.mark.xfail(strict=True, raises=InputError, reason=(
-    "lrp rejects the in-place add_ of every ResNet block (timm and torchvision: out += shortcut), "
-    "though its docstring lists CNNs; reported to the lead"))
 def test_lrp_on_a_resnet(zoo, built):
+    """ResNet blocks add the shortcut in place (``out += shortcut``): lrp traces it out of place."""
     e, model, x, targets = explainer_setup("lrp", zoo, built)
     check_explainer(e, zoo.get("cnn"), rand(2, 3, 64, 64), targets)
 
