@@ -15,16 +15,19 @@ import foveal
 from foveal import registry
 from foveal.core.errors import InputError
 from foveal.core.explainer import SegmentationTarget
+from foveal.explainers.cam import CAMBase
 from foveal.explainers.gradient_cams import GradCAM
-from foveal.testing import _hook_count, check_component, check_explainer
+from foveal.explainers.input_gradients import InputGradientExplainer
+from foveal.explainers.score_cams import AblationCAM, ScoreWeightedCAM
+from foveal.testing import _hook_count, check_explainer
 
-METHODS = ["grad-cam", "grad-cam++", "xgrad-cam", "layer-cam", "smoothgrad-cam++", "score-cam", "abs-cam",
-           "abs-cam-init", "attention-guided-cam", "hirescam", "shapley-cam", "finer-cam", "ablation-cam", "eigen-cam",
-           "kpca-cam", "grad-x-input", "integrated-gradients", "smoothgrad"]
+CLASSES = (CAMBase, InputGradientExplainer)
+METHODS = [n for n in registry.names("explainer") if issubclass(registry.entry(n).cls, CLASSES)]
 QUIET = {"score-cam": {"progress": False}, "abs-cam": {"progress": False}, "ablation-cam": {"progress": False},
          "smoothgrad-cam++": {"n_samples": 2}, "smoothgrad": {"n_samples": 4}, "integrated-gradients": {"steps": 8}}
-INPUT_SPACE = {"grad-x-input", "integrated-gradients", "smoothgrad"}  # no target layer
-PERTURBATION = {"score-cam", "abs-cam", "ablation-cam"}  # one forward per channel
+INPUT_SPACE = {n for n in METHODS if issubclass(registry.entry(n).cls, InputGradientExplainer)}  # no target layer
+# one forward per channel
+PERTURBATION = {n for n in METHODS if issubclass(registry.entry(n).cls, (ScoreWeightedCAM, AblationCAM))}
 
 
 def build(name: str, **kw):
@@ -99,23 +102,6 @@ def test_contract_resnet_vit_segmentation(name, resnet, vit, seg):
     for targets in (SegmentationTarget(1, region), None):
         maps = check_explainer(build(name, target_layer=f"backbone.body.{layer}"), seg, x, targets)
         assert maps.max() == 1.0
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_batch_independent_and_deterministic(name, resnet):
-    """An image's map does not depend on the other images of the batch, and repeats exactly."""
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    e = build(name, target_layer="layer2" if name in PERTURBATION else "layer3")
-    maps = e.explain(resnet, x, [0, 2, 4])
-    assert torch.equal(maps, e.explain(resnet, x, [0, 2, 4]))
-    for i in range(3):
-        alone = e.explain(resnet, x[i : i + 1], [[0, 2, 4][i]])
-        assert torch.allclose(alone, maps[i : i + 1], atol=1e-5), f"{name}: image {i} depends on the batch"
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_component_config_and_checkpoint(name):
-    check_component(name, **({} if name in INPUT_SPACE else {"target_layer": "layer4"}))
 
 
 def test_vit_tokens_reshaped_and_prefix_dropped(vit):

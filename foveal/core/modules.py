@@ -6,6 +6,7 @@ import difflib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from .errors import InputError
@@ -38,6 +39,17 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
         f"layer: no module named {layer!r} in {type(model).__name__}{hint} "
         f"(list them with [n for n, _ in model.named_modules()])"
     )
+
+
+def check_input_channels(model: nn.Module, images: torch.Tensor, name: str = "images") -> None:
+    """Channel count of ``images`` against the model's first convolution: an
+    :class:`InputError` instead of the convolution's own error deep inside the forward."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and images.shape[1] != conv.in_channels:
+        raise InputError(
+            f"{name}: the model's first convolution expects {conv.in_channels} channels in dim 1 "
+            f"(B, C, H, W), got a tensor of shape {tuple(images.shape)}"
+        )
 
 
 def _all_modules(model: nn.Module) -> list[nn.Module]:
@@ -85,3 +97,31 @@ def preserved_model_state(model: nn.Module, *, eval_mode: bool = True) -> Iterat
                 p.requires_grad_(r)
             if p.grad is not g:
                 p.grad = g
+
+
+def check_model_dtype(model: nn.Module, images: torch.Tensor, name: str = "images") -> None:
+    """:class:`InputError` when the floating-point parameters of ``model`` all have one dtype and
+    ``images`` have another (float64 or half images to a float32 model).
+
+    Not checked (left to torch): models without parameters, models mixing parameter dtypes
+    (ambiguous: which one should the images follow?), and calls inside ``torch.autocast`` for
+    the images' device type, where mixed dtypes are the point. The images are never cast
+    silently: the dtype decides the precision of the maps and scores returned.
+    """
+    try:
+        if torch.is_autocast_enabled(images.device.type):
+            return
+    except TypeError:  # pragma: no cover - torch without the device_type argument
+        if torch.is_autocast_enabled():
+            return
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if first is None or first.dtype == images.dtype:
+        return  # the common case costs one parameter lookup; the full scan only runs on a mismatch
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        if images.dtype != dtype:
+            raise InputError(
+                f"{name}: dtype {images.dtype} does not match the model's parameters ({dtype}); convert the "
+                f"images with .to({dtype}) or the model with .to({images.dtype})"
+            )

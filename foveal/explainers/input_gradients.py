@@ -21,7 +21,7 @@ from torch import nn
 from ..core.config import ComponentConfig
 from ..core.errors import InputError
 from ..core.explainer import Explainer, Targets, target_scores
-from .cam import check_model_channels, fixed_targets, target_rows
+from .cam import fixed_targets, target_rows
 
 Reduction = Literal["abs-sum", "sum", "abs-of-sum", "positive"]
 
@@ -52,13 +52,12 @@ class InputGradientConfig(ComponentConfig):
 
 
 class InputGradientExplainer(Explainer):
-    """Shared part: channel check, the per-image gradient of the target score with respect to
-    the input, the channel reduction."""
+    """Shared part: the per-image gradient of the target score with respect to the input, the
+    channel reduction (``explain`` has checked the images against the model)."""
 
     Config = InputGradientConfig
 
     def attribute(self, model: nn.Module, images: torch.Tensor, targets: Targets, hooks: list) -> torch.Tensor:
-        check_model_channels(model, images)
         return reduce_channels(self.attributions(model, images, targets), self.config.reduction)
 
     def attributions(self, model: nn.Module, images: torch.Tensor, targets: Targets
