@@ -222,6 +222,8 @@ def cmd_evaluate_explanations(args) -> int:
                         f"{' ' + args.split if args.split else ''}; {result.images} images; targets "
                         f"{', '.join(result.config['targets'])}")
             paths = write_outputs(result, args.out, title=title, subtitle=subtitle, extra=extra, mean=mean, std=std)
+            if result.resumed:
+                print(f"resumed: {result.resumed} of {result.images} images were already evaluated in {args.out}")
             print(results_markdown(result))
             print(f"wrote {', '.join(str(p) for p in paths.values())}")
     finally:

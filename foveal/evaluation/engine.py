@@ -376,7 +376,7 @@ def evaluate(
                                    batch_size)
     return EvaluationResult(entries=list(entries), metrics=metrics, config=config, config_hash=store.hash,
                             confidence=confidence, resamples=resamples, maps=maps, example_images=examples,
-                            out=None if out is None else str(out), **summary)
+                            out=None if out is None else str(out), resumed=already, **summary)
 
 
 def _examples(model: nn.Module, items: ItemView, explainers: dict[str, Explainer],

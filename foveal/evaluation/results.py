@@ -33,7 +33,8 @@ class EvaluationResult:
     sufficient statistics of pooled metrics; ``aggregates`` and ``ci`` the dataset values and
     their (low, high) bootstrap interval; ``seconds[entry]`` the mean seconds per image of the
     explanation (``"explain"``) and of each metric; with ``keep_maps=K``, ``example_images`` (K, C,
-    H, W) (as given to the model) and ``maps[entry]`` (K, H, W) of the first K images.
+    H, W) (as given to the model) and ``maps[entry]`` (K, H, W) of the first K images; ``resumed``
+    the number of images already finished in ``out`` when the run started.
     """
 
     entries: list[str]
@@ -52,6 +53,7 @@ class EvaluationResult:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     example_images: torch.Tensor | None = None
     out: str | None = None
+    resumed: int = 0
 
     def table(self) -> list[dict[str, Any]]:
         """One dict per entry: the aggregate of every metric and the interval as ``"metric ci"``."""
