@@ -131,19 +131,19 @@ def named_components(components: Any, kind: str) -> dict[str, Any]:
     return out
 
 
-def model_fingerprint(model: nn.Module) -> dict:
-    """Class, parameter count and a SHA-256 over every state tensor's name, shape, dtype and
-    float64 sums (computed on the CPU, so the same weights give the same hash on any device)."""
+def model_fingerprint(model: nn.Module, weights: bool = True) -> dict:
+    """Class, parameter count and (``weights``) a BLAKE2b hash of every state tensor's name, shape,
+    dtype and bytes (read on the CPU: the same weights give the same hash on any device)."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.blake2b(digest_size=8)
     count = 0
     for name, t in model.state_dict().items():
-        v = t.detach().cpu()
-        v = (v.abs() if v.is_complex() else v).double()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{float(v.sum())!r}|{float(v.abs().sum())!r};".encode())
         count += t.numel()
-    return {"class": type(model).__name__, "numel": count, "sha256": h.hexdigest()[:16]}
+        if weights:
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"class": type(model).__name__, "numel": count, **({"blake2b": h.hexdigest()} if weights else {})}
 
 
 def _distributed() -> tuple[int, int]:
@@ -322,7 +322,7 @@ def evaluate(
     multi = len(settings) > 1
     entries = {(f"{name} [{s.name}]" if multi else name): (name, s) for s in settings for name in explainers}
     config = {
-        "model": model_fingerprint(model),
+        "model": model_fingerprint(model, weights=out is not None),
         "dataset": dataset_identity(base),
         "explainers": {k: {"name": getattr(e, "registry_name", type(e).__name__),
                            "config": e.config.model_dump(mode="json")} for k, e in explainers.items()},
