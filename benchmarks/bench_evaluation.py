@@ -120,6 +120,46 @@ def processes(args, n: int, data: Path, out: Path) -> float:
     return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
 
 
+def measure(name: str, args, data: Path, tmp: Path, device: torch.device) -> list[tuple]:
+    """The rows of one model (see the module docstring)."""
+    from torch.utils.data import DataLoader
+
+    from foveal.data.items import collate
+    from foveal.evaluation import evaluate
+
+    args.model_name = name
+    setup = SETUPS[name]
+    model, subset, dataset, explainers, metrics = build(name, data, args.steps, device, args.images)
+    items = [subset[i] for i in range(len(subset))]
+    images = torch.stack([it["image"] for it in items]).to(device)
+    labels = torch.tensor([it["label"] for it in items], device=device)
+    explainer = next(iter(explainers.values()))
+    t_bare, _ = best_of(lambda: bare(model, images, labels, explainer, metrics, args.batch_size, setup["targets"]),
+                        device, args.repeats)
+
+    def harness():
+        return evaluate(model, dataset, explainers, metrics, targets=setup["targets"],
+                        metric_targets=setup["metric_targets"], out=tmp / f"out-{name}", batch_size=args.batch_size,
+                        workers=args.workers, limit=args.images, overwrite=True, progress=False)
+
+    def loader():
+        for _ in DataLoader(subset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate):
+            pass
+
+    t_harness, _ = best_of(harness, device, args.repeats)
+    t_loader, _ = best_of(loader, torch.device("cpu"), args.repeats)
+    n = args.images
+    rows = [(name, "bare explain + metrics", t_bare, n / t_bare, 1.0),
+            (name, f"harness ({args.workers} workers)", t_harness, n / t_harness, t_harness / t_bare),
+            (name, f"loader alone ({args.workers} workers)", t_loader, n / t_loader, t_loader / t_bare)]
+    if not args.skip_processes:
+        t1 = processes(args, 1, data, tmp / f"p1-{name}")
+        t2 = processes(args, 2, data, tmp / f"p2-{name}")
+        rows += [(name, "1 process (evaluate)", t1, n / t1, t1 / t_bare),
+                 (name, "2 processes (evaluate)", t2, n / t2, t2 / t_bare)]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
@@ -142,48 +182,11 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from torch.utils.data import DataLoader
-
-    from foveal.data.items import collate
-    from foveal.evaluation import evaluate
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = write_images(Path(tmp) / "data", args.images)
         for name in args.models:
-            args.model_name = name
-            setup = SETUPS[name]
-            model, subset, dataset, explainers, metrics = build(name, data, args.steps, device, args.images)
-            items = [subset[i] for i in range(len(subset))]
-            images = torch.stack([it["image"] for it in items]).to(device)
-            labels = torch.tensor([it["label"] for it in items], device=device)
-            explainer = next(iter(explainers.values()))
-            t_bare, _ = best_of(lambda: bare(model, images, labels, explainer, metrics, args.batch_size,
-                                             setup["targets"]), device, args.repeats)
-
-            def harness():
-                return evaluate(model, dataset, explainers, metrics, targets=setup["targets"],
-                                metric_targets=setup["metric_targets"], out=Path(tmp) / f"out-{name}",
-                                batch_size=args.batch_size, workers=args.workers, limit=args.images, overwrite=True,
-                                progress=False)
-
-            t_harness, _ = best_of(harness, device, args.repeats)
-
-            def loader():
-                for _ in DataLoader(subset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate):
-                    pass
-
-            t_loader, _ = best_of(loader, torch.device("cpu"), args.repeats)
-            n = args.images
-            rows.append((name, "bare explain + metrics", t_bare, n / t_bare, 1.0))
-            rows.append((name, f"harness ({args.workers} workers)", t_harness, n / t_harness, t_harness / t_bare))
-            rows.append((name, f"loader alone ({args.workers} workers)", t_loader, n / t_loader, t_loader / t_bare))
-            if not args.skip_processes:
-                t1 = processes(args, 1, data, Path(tmp) / f"p1-{name}")
-                t2 = processes(args, 2, data, Path(tmp) / f"p2-{name}")
-                rows.append((name, "1 process (evaluate)", t1, n / t1, t1 / t_bare))
-                rows.append((name, "2 processes (evaluate)", t2, n / t2, t2 / t_bare))
-            del model
+            rows += measure(name, args, data, Path(tmp), device)
     print(f"\n{args.images} images, batch {args.batch_size}, {device}, {args.threads} thread(s), insertion/deletion "
           f"steps {args.steps}")
     print("| model | what | seconds | images/s | / bare |\n|---|---|---:|---:|---:|")
