@@ -6,6 +6,7 @@ written atomically."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.checkpoint import atomic_write_bytes
 from .records import json_number, write_text_atomic
 from .results import EvaluationResult
 
@@ -73,12 +75,9 @@ def plot_results(result: EvaluationResult, path: str | Path) -> Path:
         for i, v in enumerate(vals):
             ax.text(i, 0 if v != v else v, fmt(v, 3), ha="center", va="bottom", fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return atomic_write_bytes(buffer.getvalue(), path)
 
 
 def maps_grid(result: EvaluationResult, mean: Sequence[float], std: Sequence[float], min_size: int = 128) -> np.ndarray:
@@ -113,7 +112,7 @@ def write_outputs(result: EvaluationResult, out: str | Path, *, title: str = "fo
     """Write results.md, results.json, results.png and, with kept maps, maps.png and report.html."""
     from ..data.images import IMAGENET_MEAN, IMAGENET_STD
     from ..report import Report
-    from ..viz import save_image
+    from ..viz import png_bytes
 
     out = Path(out)
     paths = {"md": write_text_atomic(out / "results.md", results_markdown(result)),
@@ -123,10 +122,7 @@ def write_outputs(result: EvaluationResult, out: str | Path, *, title: str = "fo
     picture = None
     if result.example_images is not None and result.maps:
         picture = maps_grid(result, mean or IMAGENET_MEAN, std or IMAGENET_STD)
-        tmp = out / ".maps.tmp.png"
-        save_image(picture, tmp)
-        tmp.replace(out / "maps.png")
-        paths["maps"] = out / "maps.png"
+        paths["maps"] = atomic_write_bytes(png_bytes(picture), out / "maps.png")
     report = Report(title, subtitle)
     report.section("Setup", f"{result.images} images; {len(result.entries)} explainers x {len(result.metrics)} "
                    f"metrics; configuration {result.config_hash or 'in memory'}.")

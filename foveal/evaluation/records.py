@@ -51,15 +51,10 @@ def json_number(v: float) -> float | None:
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """Write ``text`` to ``path`` atomically (:func:`foveal.core.checkpoint.atomic_write_bytes`)."""
+    from ..core.checkpoint import atomic_write_bytes
+
+    return atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def read_lines(path: Path) -> list[dict]:
