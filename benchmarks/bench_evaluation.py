@@ -101,8 +101,8 @@ def worker(args) -> None:
              out=args.out, batch_size=args.batch_size, workers=args.workers, limit=args.images, overwrite=True,
              progress=False)
     sync(device)
-    print(json.dumps({"rank": int(os.environ.get("RANK", "0")), "seconds": time.perf_counter() - t0,
-                      "cpu": time.process_time() - c0}), flush=True)
+    timing = {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+    (Path(args.out) / f"timing.rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(timing))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -118,7 +118,7 @@ def processes(args, n: int, data: Path, out: Path) -> tuple[float, float]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
-    runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    runs = [json.loads(f.read_text()) for f in sorted(out.glob("timing.rank*.json"))]
     return max(r["seconds"] for r in runs), sum(r["cpu"] for r in runs)
 
 
@@ -152,6 +152,7 @@ def measure(name: str, args, data: Path, tmp: Path, device: torch.device) -> lis
     t_harness, _ = best_of(harness, device, args.repeats, clock)
     t_loader, _ = best_of(loader, torch.device("cpu"), args.repeats)
     n = args.images
+    print(f"{name}: bare {t_bare:.2f} s, harness {t_harness:.2f} s, loader {t_loader:.2f} s", flush=True)
     rows = [(name, "bare explain + metrics", t_bare, n / t_bare, 1.0),
             (name, f"harness ({args.workers} workers)", t_harness, n / t_harness, t_harness / t_bare),
             (name, f"loader alone ({args.workers} workers)", t_loader, n / t_loader, t_loader / t_bare)]

@@ -451,7 +451,7 @@ def test_imagenet_seg_fixture_with_chefer_segmentation_protocol(fixtures, tmp_pa
     res = json.loads((out / "results.json").read_text())
     assert list(res["results"]) == list(get_protocol("chefer-segmentation").explainers)
     lines = records(out)
-    assert len(lines) == 3 * 5
+    assert len(lines) == 3 * len(get_protocol("chefer-segmentation").explainers) == 3 * 6
     with torch.no_grad():  # the predicted class is explained
         from foveal.data.datasets import open_dataset
 

@@ -92,8 +92,10 @@ def _opts(options: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Chefer et al. 2021 (vit-lrp-affinitynet.txt sec. 5.2, Tables 2 and 3)
 # ---------------------------------------------------------------------------------------------
-CHEFER_EXPLAINERS = ("attention-rollout:start_layer=1", "raw-attention", "attn-grad-cam", "partial-lrp",
-                     "vit-lrp:start_layer=1")
+#: The columns of Tables 2-3: rollout, raw attention, GradCAM (on the last attention), LRP (Chefer et al.'s
+#: "full" LRP with the original rules, ``ViT_orig_LRP``), partial LRP, transformer attribution.
+CHEFER_EXPLAINERS = ("attention-rollout:start_layer=1", "raw-attention", "attn-grad-cam", "lrp:rules=orig-lrp",
+                     "partial-lrp", "vit-lrp:start_layer=1")
 
 
 def _chefer_perturbation(size: Size, mean, std) -> MetricSpecs:
