@@ -56,14 +56,14 @@ def build(model_name: str, data: Path, steps: int, device: torch.device, limit: 
     import timm
 
     from foveal import registry
-    from foveal.cli.options import input_normalisation, parse_spec
+    from foveal.cli.options import input_normalization, parse_spec
     from foveal.data.datasets import open_dataset
     from foveal.evaluation import get_protocol
 
     setup = SETUPS[model_name]
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False, num_classes=10).to(device).eval()
-    mean, std, _ = input_normalisation(model)
+    mean, std, _ = input_normalization(model)
     dataset = open_dataset("imagenet", data, "val", size=224, resize="resize-crop", mean=mean, std=std)
     name, opts = parse_spec(setup["explainer"])
     explainer = registry.build(name, **opts)

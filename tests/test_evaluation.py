@@ -400,7 +400,7 @@ def test_imagenet_fixture_with_ca_stream_protocol(fixtures, tmp_path, capsys):
     code, stdout, _ = run_cli(args, capsys)
     assert code == 0 and "| grad-cam |" in stdout
     res = json.loads((out / "results.json").read_text())
-    assert res["mean"] == [0.5, 0.5, 0.5] and res["normalisation"] == "the timm pretrained_cfg"
+    assert res["mean"] == [0.5, 0.5, 0.5] and res["normalization"] == "the timm pretrained_cfg"
     assert res["metrics"]["average-drop"]["config"]["mean"] == [0.5, 0.5, 0.5]  # black = -1 in this input space
     assert list(res["results"]) == ["grad-cam", "grad-cam++", "score-cam"]
     lines = records(out)
@@ -523,7 +523,7 @@ def test_box_masks_are_the_rectangles_of_loc_val_solution(tmp_path):
 
 
 def test_load_model_reads_the_class_count_and_normalisation(tmp_path):
-    from foveal.cli.options import input_normalisation, load_model
+    from foveal.cli.options import input_normalization, load_model
 
     model = tiny_cnn(7)
     model2 = load_model("test_resnet:output_stride=8", str(save_timm_weights(model, tmp_path / "w.safetensors")))
@@ -531,9 +531,9 @@ def test_load_model_reads_the_class_count_and_normalisation(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model2.eval()(x), model(x))
-    assert input_normalisation(model2)[0] == (0.5, 0.5, 0.5)  # test_resnet's pretrained_cfg
+    assert input_normalization(model2)[0] == (0.5, 0.5, 0.5)  # test_resnet's pretrained_cfg
     gap = registry.build("gap-classifier", model_name="test_resnet", num_classes=3)
-    assert input_normalisation(gap)[0] == IMAGENET_MEAN  # foveal's trainers normalise with ImageNet's
+    assert input_normalization(gap)[0] == IMAGENET_MEAN  # foveal's trainers normalise with ImageNet's
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def cmd_evaluate_explanations(args) -> int:
     from ..core.training import distributed_env, init_distributed, training_device
     from ..evaluation import evaluate, get_protocol, list_protocols
     from ..evaluation.outputs import results_markdown, write_outputs
-    from .options import input_normalisation
+    from .options import input_normalization
 
     if args.list_protocols:
         print(list_protocols())
@@ -191,7 +191,7 @@ def cmd_evaluate_explanations(args) -> int:
     try:
         device = training_device(args.device)
         model = load_model(args.model, args.weights).to(device)
-        mean, std, source = input_normalisation(model)
+        mean, std, source = input_normalization(model)
         mean = tuple(args.mean) if args.mean else mean
         std = tuple(args.std) if args.std else std
         metrics = protocol.metrics(size, mean, std) if protocol else {}
@@ -210,7 +210,7 @@ def cmd_evaluate_explanations(args) -> int:
             extra = {
                 "model": args.model, "weights": args.weights, "protocol": protocol.name if protocol else None,
                 "dataset": args.dataset or "files", "split": args.split, "size": list(size), "resize": resize,
-                "mean": list(mean), "std": list(std), "normalisation": "--mean/--std" if args.mean else source,
+                "mean": list(mean), "std": list(std), "normalization": "--mean/--std" if args.mean else source,
                 "target": args.target, "targets": result.config["targets"], "metric_targets": metric_targets,
                 "device": str(device),
                 "methods": {m: {"name": getattr(e, "registry_name", m), "config": e.config.model_dump(mode="json")}

@@ -141,7 +141,7 @@ def _classifier_classes(model, state) -> int | None:
     return None
 
 
-def input_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+def input_normalization(model) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     """``(mean, std, source)`` the model expects its inputs normalised with: a timm model's
     ``pretrained_cfg`` mean/std (``vit_base_patch16_224``: 0.5, 0.5, 0.5), else ImageNet's (what
     foveal's own trainers normalise with)."""

@@ -172,7 +172,7 @@ def _check_first_item(item: dict, settings: list[TargetSetting], metric_setting:
                          "(--boxes LOC_val_solution.csv)")
 
 
-def check_normalisation(metrics: dict[str, Metric], mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+def check_normalization(metrics: dict[str, Metric], mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
     """A metric that removes pixels to black needs the inputs' normalisation: refuse a mismatch."""
     if mean is None or std is None:
         return
@@ -317,7 +317,7 @@ def evaluate(
     first = items[0]
     _check_first_item(first, settings, metric_setting, metrics, base)
     transform = getattr(base, "transform", None)
-    check_normalisation(metrics, getattr(transform, "mean", None), getattr(transform, "std", None))
+    check_normalization(metrics, getattr(transform, "mean", None), getattr(transform, "std", None))
 
     multi = len(settings) > 1
     entries = {(f"{name} [{s.name}]" if multi else name): (name, s) for s in settings for name in explainers}
