@@ -303,6 +303,8 @@ def test_demo_cam_list_is_every_registered_cam(tmp_path, monkeypatch):
     assert {"grad-cam", "score-cam", "abs-cam", "attention-guided-cam"} <= set(bundled)
     assert all(issubclass(registry.entry(n).cls, CAMBase) for n in bundled)
     assert "vit-lrp" not in bundled and "ca-attention" not in bundled
+    single = cam_methods(outputs=1)  # the demo's one-channel segmenter: no method comparing classes
+    assert "finer-cam" in bundled and "finer-cam" not in single and set(single) == set(bundled) - {"finer-cam"}
     info = tmp_path / "tp_newcam-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tp-newcam\nVersion: 0.1\n")

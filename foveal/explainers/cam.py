@@ -21,7 +21,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -57,6 +57,9 @@ class CAMBase(Explainer):
     attributes (``explainer.layer``, ``explainer.reshape``) that can be set after
     ``registry.build``; they are not part of the saved config.
     """
+
+    #: output channels (classes) the method needs: a method comparing classes needs at least 2
+    min_outputs: ClassVar[int] = 1
 
     Config = CAMConfig
 

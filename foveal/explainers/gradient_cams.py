@@ -274,6 +274,8 @@ class FinerCAM(GradientCAMBase):
     denominator); a model with fewer than ``n_comparisons + 1`` classes compares with all
     other classes (as theirs)."""
 
+    min_outputs = 2
+
     class Config(CAMConfig):
         alpha: float = Field(1.0, description="Comparison strength (gamma in the paper); 0 = the base CAM.")
         n_comparisons: int = Field(3, ge=1, description="Most similar classes compared with (pytorch-grad-cam: 3).")

@@ -46,14 +46,16 @@ SETTINGS = {
 }
 
 
-def cam_methods(reg=None) -> list[str]:
+def cam_methods(reg=None, outputs: int | None = None) -> list[str]:
     """Every registered explainer whose class derives from
     :class:`~foveal.explainers.cam.CAMBase` (sorted names), so a new CAM method, bundled or from a
-    plugin, is in the demo without editing it."""
+    plugin, is in the demo without editing it; with ``outputs``, only the methods that apply to a
+    model with that many output channels (``CAMBase.min_outputs``: Finer-CAM needs two classes)."""
     from ..explainers.cam import CAMBase
 
     reg = reg or registry.REGISTRY
-    return [n for n in reg.names(kind="explainer") if issubclass(reg.entry(n).cls, CAMBase)]
+    return [n for n in reg.names(kind="explainer") if issubclass(reg.entry(n).cls, CAMBase)
+            and (outputs is None or reg.entry(n).cls.min_outputs <= outputs)]
 
 
 class Steps:
@@ -166,7 +168,7 @@ def explain_segmenter(model, data: Path, s: dict, progress: bool, report: Report
     n = min(s["explain_images"], len(ds))
     images = torch.stack([ds[i][0] for i in range(n)])
     masks = torch.stack([ds[i][1][0] for i in range(n)]).bool()
-    methods = cam_methods()
+    methods = cam_methods(outputs=1)  # the segmenter has one (polyp) output channel
     explainers = {}
     for method in methods:
         options = {"target_layer": SEGMENTER_LAYER}
