@@ -1,0 +1,127 @@
+"""One entry point to the on-disk datasets, :func:`open_dataset` (what ``--dataset KIND
+--data-root ROOT`` resolves to), and the two generic folder datasets under the item contract of
+:mod:`foveal.data.items`: a plain image folder and the polyp benchmark layout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputError
+from .images import list_images
+from .items import ItemDataset, close_matches, open_image
+from .polyp import find_pairs, find_test_sets, train_folder
+
+DATASET_KINDS = ("imagenet", "imagenet-seg", "voc", "polyp", "folder")
+IMAGENET_SEG_FILE = "gtsegs_ijcv.mat"
+
+
+def _binary_mask(path: Path) -> np.ndarray:
+    """{0, 1} uint8 (H, W): grey level > 127, as :func:`foveal.data.images.read_mask`."""
+    return (np.asarray(open_image(path, "mask").convert("L")) > 127).astype(np.uint8)
+
+
+class FolderDataset(ItemDataset):
+    """A plain folder of images (sorted by name; ``"label"`` -1), with binary masks from
+    ``mask_folder`` matched by file stem (grey > 127 -> 1, else 0) when given."""
+
+    def __init__(self, root: str | os.PathLike, *, mask_folder: str | os.PathLike | None = None, **options) -> None:
+        super().__init__(**options)
+        self.root = Path(root)
+        self.images = list_images(self.root)
+        if not self.images:
+            raise InputError(f"{self.root}: no images found")
+        stems = [p.stem for p in self.images]
+        if len(set(stems)) != len(stems):
+            dup = next(s for s in stems if stems.count(s) > 1)
+            raise InputError(f"{self.root}: two images share the stem {dup!r} (ids must be unique)")
+        self.ids = stems
+        self.masks: list[Path] | None = None
+        if mask_folder is not None:
+            by_stem = {p.stem: p for p in list_images(mask_folder)}
+            missing = [p.name for p in self.images if p.stem not in by_stem]
+            if missing:
+                raise InputError(f"{len(missing)} image(s) of {self.root} have no mask with the same stem in "
+                                 f"{mask_folder}, e.g. {missing[:3]}")
+            self.masks = [by_stem[s] for s in stems]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        mask = _binary_mask(self.masks[index]) if self.masks is not None else None
+        return self._item(index, self.ids[index], open_image(self.images[index]), mask=mask)
+
+
+class PolypItemDataset(ItemDataset):
+    """One polyp dataset folder (``images/`` + ``masks/``, see :mod:`foveal.data.polyp`) as items
+    with ``"mask"`` {0, 1} (grey > 127) and ``"label"`` -1."""
+
+    def __init__(self, folder: str | os.PathLike, **options) -> None:
+        super().__init__(**options)
+        self.folder = Path(folder)
+        self.pairs = find_pairs(self.folder)
+        self.ids = [image.stem for image, _ in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.pairs[index]
+        return self._item(index, self.ids[index], open_image(image), mask=_binary_mask(mask))
+
+
+def _imagenet_folder(root: Path, split: str | None) -> Path:
+    if split is None:
+        return root
+    tried = [root / split, root / "ILSVRC" / "Data" / "CLS-LOC" / split]  # the second: Kaggle's download
+    for folder in tried:
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(f"ImageNet split {split!r} not found: tried {', '.join(str(t) for t in tried)}")
+
+
+def open_dataset(kind: str, root: str | os.PathLike, split: str | None = None, **options) -> ItemDataset:
+    """Open a dataset of ``kind`` at ``root``; ``options`` go to its class (``size``, ``resize``,
+    ``mean``, ``std``, ``crop_pct`` and the kind's own options).
+
+    * ``"imagenet"``: :class:`~foveal.data.imagenet.ImageNetDataset` of ``root/split`` (or Kaggle's
+      ``root/ILSVRC/Data/CLS-LOC/split``), class folders or flat + label file, detected;
+    * ``"imagenet-seg"``: :class:`~foveal.data.imagenet_seg.ImageNetSegDataset`; ``root`` is
+      ``gtsegs_ijcv.mat`` or the folder holding it (no split);
+    * ``"voc"``: :class:`~foveal.data.voc.VOCDataset`, ``split`` defaults to ``"val"``;
+    * ``"polyp"``: :class:`PolypItemDataset` of ``root`` when it holds ``images/``; else ``split``
+      ``"train"`` is ``root/TrainDataset`` and another name a test set (``root/TestDataset/<name>``);
+    * ``"folder"``: :class:`FolderDataset` of ``root`` (``mask_folder=`` for masks; no split).
+    """
+    from .imagenet import ImageNetDataset
+    from .imagenet_seg import ImageNetSegDataset
+    from .voc import VOCDataset
+
+    name = str(kind).strip().lower().replace("_", "-").replace(" ", "-")
+    root = Path(root)
+    if name not in DATASET_KINDS:
+        raise InputError(f"unknown dataset kind {kind!r}{close_matches(name, DATASET_KINDS)}; expected one of "
+                         f"{', '.join(DATASET_KINDS)}")
+    if name in ("imagenet-seg", "folder") and split is not None:
+        raise InputError(f"dataset kind {name!r} has no splits, got split={split!r}")
+    if name == "imagenet":
+        return ImageNetDataset(_imagenet_folder(root, split), **options)
+    if name == "imagenet-seg":
+        return ImageNetSegDataset(root / IMAGENET_SEG_FILE if root.is_dir() else root, **options)
+    if name == "voc":
+        return VOCDataset(root, "val" if split is None else split, **options)
+    if name == "polyp":
+        if split is None:
+            return PolypItemDataset(root, **options)
+        if split == "train":
+            return PolypItemDataset(train_folder(root), **options)
+        sets = find_test_sets(root)
+        if split not in sets:
+            raise InputError(f"polyp test set {split!r} not found in {root}{close_matches(split, list(sets))}; "
+                             f"available: train, {', '.join(sets)}")
+        return PolypItemDataset(sets[split], **options)
+    return FolderDataset(root, **options)
