@@ -66,7 +66,7 @@ from ..models.affinitynet import AffinityNet, affinity_loss, check_seeds, pair_l
 from ..refine.seeds import label_scores, labels_from_scores
 from ..refine.store import atomic_savez
 from ..registry.checkpoints import save
-from .augment import PSA_JITTER, color_jitter, crop_box, crop_into
+from .augment import PSA_JITTER, color_jitter, crop_box, crop_into, fit_batch
 
 
 class AffinityTrainConfig(BaseModel):
@@ -249,7 +249,7 @@ def train_affinitynet(
     if cfg.batch_size % world:
         raise InputError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
     if len(data) < cfg.batch_size:
-        raise InputError(f"train_affinitynet: {len(data)} images, fewer than one batch of {cfg.batch_size}")
+        cfg = cfg.model_copy(update={"batch_size": fit_batch(data, cfg.batch_size, world, "train_affinitynet")})
     device = training_device(cfg.device) if cfg.device or world > 1 else next(refiner.parameters()).device
     refiner.to(device)
     if main:

@@ -12,9 +12,13 @@ number of DataLoader workers or torchrun processes.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
+
+from ..core.errors import InputError
 
 #: psa's colour jitter (brightness, contrast, saturation, hue).
 PSA_JITTER = (0.3, 0.3, 0.3, 0.1)
@@ -58,3 +62,14 @@ def crop_into(array: torch.Tensor, crop: int, box: tuple[slice, slice, slice, sl
     out = array.new_zeros(array.shape[0], crop, crop)
     out[:, box[0], box[1]] = array[:, box[2], box[3]]
     return out
+
+
+def fit_batch(data, batch_size: int, world: int, who: str) -> int:
+    """A global batch no larger than the data (psa drops the last incomplete batch, so a set smaller
+    than one batch would train on nothing): the largest multiple of ``world`` up to ``len(data)``."""
+    fitted = len(data) // world * world
+    if fitted == 0:
+        raise InputError(f"{who}: {len(data)} images cannot fill one batch on {world} processes")
+    warnings.warn(f"{who}: batch_size {batch_size} is larger than the {len(data)} images; using {fitted}",
+                  stacklevel=3)
+    return fitted
