@@ -71,3 +71,213 @@ def test_cli_bad_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["wsss", "--out", str(tmp_path), "--affinity", "[1, 2]"])
     assert "JSON object" in capsys.readouterr().err
+
+
+# --- PASCAL VOC layout, end to end through the CLI ------------------------------------------------
+
+VIT_KWARGS = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+AFFINITY = {"levels": [1, 2, 3], "level_channels": [16, 16, 32], "feature_dim": 32}
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    """A tiny VOC tree (data-readers' fixture writer: JPEGs, palette PNGs with 255 bands, ImageSets,
+    psa's train_aug list and cls_labels.npy) and "pretrained" local weights of a ViT and a CNN."""
+    import timm
+    from safetensors.torch import save_file
+
+    from foveal.data.fixtures import write_voc
+
+    root = tmp_path_factory.mktemp("voc")
+    truth = write_voc(root, n_train=6, n_val=2, n_aug=2, size=(40, 56), seed=0)
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_KWARGS).state_dict(),
+              root / "vit.safetensors")
+    save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), root / "cnn.safetensors")
+    return root, truth
+
+
+def voc_args(root, out, *extra):
+    return ["wsss", "--out", str(out), "--dataset", "voc", "--data-root", str(root), "--split", "train_aug",
+            "--eval-split", "train", "--vit", "vit_tiny_patch16_224", "--weights", str(root / "vit.safetensors"),
+            "--vit-kwargs", json.dumps(VIT_KWARGS), "--image-size", "64", "--cls-epochs", "2", "--cls-batch-size",
+            "4", "--aff-epochs", "2", "--aff-batch-size", "4", "--aff-crop", "48", "--backbone", "test_resnet",
+            "--backbone-weights", str(root / "cnn.safetensors"), "--affinity", json.dumps(AFFINITY), "--crf", "off",
+            "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def voc_run(voc, tmp_path_factory):
+    """One uninterrupted run on the VOC fixture (the reference of the resume and torchrun tests)."""
+    root, _ = voc
+    out = tmp_path_factory.mktemp("voc_run")
+    assert main(voc_args(root, out)) == 0
+    return out
+
+
+def read_png(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.mode == "P"  # a VOC palette PNG
+        return np.asarray(im).copy()
+
+
+def oracle_miou(truth: dict, ids: list, folder) -> tuple[float, np.ndarray]:
+    """VOC mIoU re-derived in numpy: 21 x 21 confusion pooled over the images, ground-truth 255 ignored."""
+    cm = np.zeros((21, 21), np.float64)
+    for i in ids:
+        gt, pred = truth[i].astype(np.int64), read_png(folder / f"{i}.png").astype(np.int64)
+        keep = gt != 255
+        cm += np.bincount(gt[keep] * 21 + pred[keep], minlength=441).reshape(21, 21)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    return float(np.nanmean(iou)), iou
+
+
+def test_voc_end_to_end(voc, voc_run):
+    from foveal.data.voc import VOC_CLASSES, read_id_list
+    from foveal.refine.store import SeedStore
+
+    root, truth = voc
+    voc2012 = root / "VOCdevkit" / "VOC2012"
+    train_aug = read_id_list(voc2012 / "ImageSets" / "SegmentationAug" / "train_aug.txt")
+    train = read_id_list(voc2012 / "ImageSets" / "Segmentation" / "train.txt")
+    # seeds: one float16 file per image of both splits, only for the classes the image is labelled with
+    store = SeedStore(voc_run / "seeds")
+    assert sorted(p.stem for p in (voc_run / "seeds").glob("*.npz")) == sorted(set(train_aug) | set(train))
+    for i in train_aug:
+        rec = store.read(i)
+        present = sorted(int(c) - 1 for c in np.unique(truth[i]) if 0 < c < 255)
+        assert rec.classes.tolist() == present and rec.seeds.shape == (len(present), 40, 56)
+        with np.load(store.path(i)) as f:
+            assert f["seeds"].dtype == np.float16 and f["logits"].shape == (20,)
+        assert 0 <= float(rec.seeds.min()) and float(rec.seeds.max()) <= 1
+    # pseudo-masks: palette PNGs at the stored size, only background and the image's own classes
+    for variant in ("seeds", "refined"):
+        for i in train:
+            labels = read_png(voc_run / "masks" / variant / f"{i}.png")
+            assert labels.shape == (40, 56)
+            assert set(np.unique(labels).tolist()) <= {0} | {int(c) for c in np.unique(truth[i]) if 0 < c < 255}
+    assert not (voc_run / "masks" / "refined_crf").exists()  # --crf off
+    # the mIoU equals a numpy re-derivation over the evaluation split (pooled, 255 ignored)
+    result = json.loads((voc_run / "result.json").read_text())
+    for variant in ("seeds", "refined"):
+        miou, iou = oracle_miou(truth, train, voc_run / "masks" / variant)
+        assert result["miou"][variant] == pytest.approx(miou, abs=1e-12)
+        per_class = [result["iou"][variant][c] for c in VOC_CLASSES]
+        np.testing.assert_allclose(np.array(per_class, dtype=float), iou, atol=1e-12)
+    assert 0 <= result["classifier_accuracy"] <= 1
+    # the report: per-class IoU of the VOC classes, example overlays, timing of every stage
+    report = (voc_run / "report.html").read_text()
+    assert "Per-class IoU" in report and "aeroplane" in report and "tvmonitor" in report
+    assert report.count("data:image/png;base64,") >= 2 and "Seeds vs refined" in report
+    for stage in ("classifier", "seeds", "affinity", "walk", "eval"):
+        assert f"<td>{stage}</td>" in report
+    assert (voc_run / "classifier" / "classifier.safetensors").exists()
+    assert (voc_run / "affinitynet" / "affinitynet.safetensors").exists()
+
+
+def _same_outputs(a, b, variants=("seeds", "refined")):
+    seeds_a = sorted(p.name for p in (a / "seeds").glob("*.npz"))
+    assert seeds_a == sorted(p.name for p in (b / "seeds").glob("*.npz")) and seeds_a
+    for name in seeds_a:
+        with np.load(a / "seeds" / name) as fa, np.load(b / "seeds" / name) as fb:
+            assert all(np.array_equal(fa[k], fb[k]) for k in ("seeds", "classes", "logits")), name
+    for v in variants:
+        names = sorted(p.name for p in (a / "masks" / v).glob("*.png"))
+        assert names == sorted(p.name for p in (b / "masks" / v).glob("*.png")) and names
+        for name in names:
+            assert np.array_equal(read_png(a / "masks" / v / name), read_png(b / "masks" / v / name)), name
+    ra, rb = json.loads((a / "result.json").read_text()), json.loads((b / "result.json").read_text())
+    assert ra["miou"] == rb["miou"]
+
+
+def test_voc_resumes_after_interruptions(voc, voc_run, tmp_path, monkeypatch, capsys):
+    """Killed while writing seeds, then killed while writing pseudo-masks: each resumed run skips the
+    images already written, and the final outputs equal the uninterrupted run's."""
+    import foveal.pipelines.wsss as pipeline
+    from foveal.refine.store import SeedStore
+
+    root, _ = voc
+    out = tmp_path / "run"
+    calls = {"write": 0, "png": 0, "explained": 0}
+    write, png, explain = SeedStore.write, pipeline.write_label_png, pipeline.explain_image
+
+    def crashing_write(self, *args, **kwargs):
+        if calls["write"] == 3:
+            raise KeyboardInterrupt  # as if killed after three seed files
+        calls["write"] += 1
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(SeedStore, "write", crashing_write)
+    assert main(voc_args(root, out)) == 130
+    assert len(list((out / "seeds").glob("*.npz"))) == 3 and not list((out / "seeds").glob(".*"))
+    monkeypatch.setattr(SeedStore, "write", write)
+    capsys.readouterr()
+    assert main(voc_args(root, out)) == 1  # a fresh run into a folder holding one is refused
+    assert "already holds a WSSS run" in capsys.readouterr().err
+    assert main(voc_args(root, out, "--resume", "--aff-epochs", "3")) == 1  # so is a resume with other settings
+    assert "aff_epochs (saved 2, now 3)" in capsys.readouterr().err
+
+    def counting_explain(*args, **kwargs):
+        calls["explained"] += 1
+        return explain(*args, **kwargs)
+
+    def crashing_png(*args, **kwargs):
+        if calls["png"] == 5:
+            raise KeyboardInterrupt  # killed during the random walk
+        calls["png"] += 1
+        return png(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "explain_image", counting_explain)
+    monkeypatch.setattr(pipeline, "write_label_png", crashing_png)
+    assert main(voc_args(root, out, "--resume")) == 130
+    assert calls["explained"] == 8 - 3  # only the images without seeds were explained
+    monkeypatch.setattr(pipeline, "write_label_png", png)
+    assert main(voc_args(root, out, "--resume")) == 0
+    assert calls["explained"] == 5  # nothing explained again
+    timing = [json.loads(x) for x in (out / "timing.jsonl").read_text().splitlines()]
+    walks = [t for t in timing if t["stage"] == "walk"]
+    assert walks[-1]["skipped"] == 2 and walks[-1]["done"] == 4  # 5 PNGs = 2 images x 2 variants + 1
+    _same_outputs(out, voc_run)
+    from foveal import load
+
+    ref, got = load(voc_run / "affinitynet" / "affinitynet.safetensors"), load(out / "affinitynet" /
+                                                                                "affinitynet.safetensors")
+    assert all(torch.equal(ref.state_dict()[k], got.state_dict()[k]) for k in ref.state_dict())
+
+
+@pytest.mark.heavy
+def test_voc_torchrun_two_ranks_equal_one(voc, voc_run, tmp_path):
+    """torchrun, 2 CPU processes (gloo) with the reference run's classifier: the sharded seed files
+    equal the single-process ones bit for bit, DDP AffinityNet equals single-process training (the
+    pair counts are summed over the processes), and so do the pseudo-masks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import foveal
+    from foveal import load
+
+    root, truth = voc
+    out = tmp_path / "ddp"
+    classifier = voc_run / "classifier" / "classifier.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(Path(foveal.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "foveal.cli",
+           *voc_args(root, out, "--classifier", str(classifier), "--device", "cpu")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refined" in proc.stdout and proc.stdout.count("seed mIoU") == 1  # rank 0 reports, once
+    ref = load(voc_run / "affinitynet" / "affinitynet.safetensors").state_dict()
+    got = load(out / "affinitynet" / "affinitynet.safetensors").state_dict()
+    changed = [k for k in ref if not torch.equal(ref[k], got[k])]
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+    assert len(changed) < len(ref)  # frozen layers are identical, trained ones agree to float noise
+    _same_outputs(out, voc_run)
+    timing = [json.loads(x) for x in (out / "timing.jsonl").read_text().splitlines()]
+    seeds = next(t for t in timing if t["stage"] == "seeds")
+    assert seeds["done"] == 8 and seeds["skipped"] == 0  # every image once over the two ranks

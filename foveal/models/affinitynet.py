@@ -212,30 +212,42 @@ class AffinityNet(Refiner):
 
     def _freeze(self) -> None:
         """psa's fixed parameters: BatchNorm affine parameters and the layers up to feature level
-        ``freeze_levels - 1`` (in registration order, which is execution order in timm models)."""
+        ``freeze_levels - 1`` (in registration order, which is execution order in timm models); also
+        the stages after the last used level, which do not reach the output (DDP needs every
+        learning parameter to take part in the loss)."""
         cfg = self.config
         if cfg.freeze_bn:
             for m in self.backbone.modules():
                 if isinstance(m, _BatchNorm):
                     for p in m.parameters(recurse=False):
                         p.requires_grad_(False)
-        if cfg.freeze_levels == 0:
-            return
         body = getattr(self.backbone, "body", None)
         info = getattr(body, "feature_info", None)
         if info is None:
-            raise InputError(f"affinitynet: freeze_levels={cfg.freeze_levels} needs a timm features backbone "
-                             f"(feature_info), {cfg.backbone!r} has none; give freeze_levels=0")
+            if cfg.freeze_levels:
+                raise InputError(f"affinitynet: freeze_levels={cfg.freeze_levels} needs a timm features backbone "
+                                 f"(feature_info), {cfg.backbone!r} has none; give freeze_levels=0")
+            return
         names = info.module_name()
         if cfg.freeze_levels > len(names):
             raise InputError(f"affinitynet: freeze_levels={cfg.freeze_levels} but the backbone has {len(names)} "
                              "feature levels")
-        level = names[cfg.freeze_levels - 1]
         params = list(body.named_parameters())
-        inside = [i for i, (n, _) in enumerate(params)
-                  if any(n.startswith(prefix + ".") for prefix in (level, level.replace(".", "_")))]
-        for _, p in params[: (max(inside) + 1 if inside else 0)]:
-            p.requires_grad_(False)
+
+        def end_of(level: int) -> int:
+            """Index after the last parameter of the module of feature level ``level``."""
+            name = names[level]
+            inside = [i for i, (n, _) in enumerate(params)
+                      if any(n.startswith(prefix + ".") for prefix in (name, name.replace(".", "_")))]
+            return max(inside) + 1 if inside else 0
+
+        if cfg.freeze_levels:
+            for _, p in params[: end_of(cfg.freeze_levels - 1)]:
+                p.requires_grad_(False)
+        last = max(i % len(names) for i in cfg.levels)
+        if last < len(names) - 1:
+            for _, p in params[end_of(last):]:
+                p.requires_grad_(False)
 
     def train(self, mode: bool = True) -> AffinityNet:
         """As ``nn.Module.train``; with ``freeze_bn`` the BatchNorm layers stay in eval mode (psa)."""

@@ -644,7 +644,9 @@ def _check_out(cfg: WSSSConfig, out: Path, main: bool, world: int) -> None:
     """A fresh run needs a folder without a run in it; a resumed one the same settings."""
     path = out / "config.json"
     mine = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_ONLY}
-    if path.exists():
+    exists = path.exists()
+    _barrier(world)  # every process looks before rank 0 writes
+    if exists:
         if not cfg.resume:
             raise InputError(f"{out} already holds a WSSS run ({path}); pass resume=True (--resume) to continue it, "
                              "or choose another output folder")
@@ -721,8 +723,11 @@ def run_wsss(config: WSSSConfig | dict | None = None, **overrides: Any) -> WSSSR
 
     t0 = time.time()
     miou, iou, accuracy = eval_stage(evaluation, store, masks, crf, cfg.progress)
-    notes = [] if crf else ["seeds + CRF and refined + CRF skipped: the dense CRF needs the optional extra "
-                            "(pip install 'foveal[crf]', i.e. pydensecrf2)"]
+    notes = []
+    if not crf:
+        notes.append("seeds + CRF and refined + CRF turned off (crf_eval=False)" if cfg.crf_eval is False else
+                     "seeds + CRF and refined + CRF skipped: the dense CRF needs the optional extra "
+                     "(pip install 'foveal[crf]', i.e. pydensecrf2)")
     if not evaluation.has_masks:
         notes.append("no ground-truth masks (masks=None): mIoU not computed")
     saliency = seed_saliency(store, evaluation) if data is not None else {}
