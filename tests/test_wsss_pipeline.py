@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from foveal.cli import main
+from foveal.core.errors import InputError
 from foveal.data.multiobject import MultiObjectDataset
 from foveal.pipelines.wsss import confusion_miou, run_wsss
 
@@ -281,3 +282,209 @@ def test_voc_torchrun_two_ranks_equal_one(voc, voc_run, tmp_path):
     timing = [json.loads(x) for x in (out / "timing.jsonl").read_text().splitlines()]
     seeds = next(t for t in timing if t["stage"] == "seeds")
     assert seeds["done"] == 8 and seeds["skipped"] == 0  # every image once over the two ranks
+
+
+# --- pieces of the pipeline ---------------------------------------------------------------------
+
+
+def test_pooled_confusion_ignores_truth_255_and_counts_predicted_255_as_a_miss():
+    from foveal.pipelines.wsss import PooledConfusion
+
+    cm = PooledConfusion(3)
+    cm.add(torch.tensor([0, 1, 1, 2, 255]), torch.tensor([0, 1, 255, 2, 2]))  # truth 255 skipped
+    cm.add(np.array([[1, 0]]), np.array([[1, 1]]))  # pooled over images
+    # class 0: tp 1, fp 1 (a 1 predicted 0) -> 1/2; class 1: tp 2, fn 1 -> 2/3; class 2: tp 1, fn 1 (the 255) -> 1/2
+    miou, iou = cm.iou()
+    assert iou == pytest.approx([0.5, 2 / 3, 0.5]) and miou == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    with pytest.raises(InputError, match="labels must be 0..2"):
+        cm.add(torch.tensor([3]), torch.tensor([0]))
+
+
+def test_vit_from_local_weights_and_classifier_file(tmp_path):
+    import timm
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from foveal.core.errors import CheckpointError
+    from foveal.training.multilabel import build_vit, load_classifier, save_classifier
+
+    kw = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    torch.manual_seed(0)
+    pretrained = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)  # 1000 classes, 224 px
+    save_file(pretrained.state_dict(), tmp_path / "vit.safetensors")
+    model = build_vit("vit_tiny_patch16_224", 3, 64, kw, tmp_path / "vit.safetensors")
+    ref = pretrained.state_dict()
+    got = model.state_dict()
+    assert torch.equal(got["blocks.1.mlp.fc2.weight"], ref["blocks.1.mlp.fc2.weight"])
+    assert got["head.weight"].shape == (3, 32) and got["pos_embed"].shape == (1, 1 + 8 * 8, 32)
+    assert torch.equal(got["pos_embed"][:, 0], ref["pos_embed"][:, 0])  # class token kept, grid resampled
+    with pytest.raises(CheckpointError, match="missing"):
+        build_vit("vit_tiny_patch16_224", 3, 64, {**kw, "depth": 3}, tmp_path / "vit.safetensors")
+    info = {"vit": "vit_tiny_patch16_224", "vit_kwargs": kw, "classes": ["a", "b", "c"], "image_size": 64,
+            "mean": [0.5] * 3, "std": [0.5] * 3}
+    save_classifier(model, tmp_path / "cls.safetensors", info)
+    loaded, got_info = load_classifier(tmp_path / "cls.safetensors", classes=["a", "b", "c"])
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    assert torch.equal(loaded(x), model(x)) and got_info["image_size"] == 64
+    with pytest.raises(InputError, match="classifies"):
+        load_classifier(tmp_path / "cls.safetensors", classes=["a", "b"])
+    # psa's multilabel_soft_margin_loss is the BCE the trainer uses
+    y = (torch.rand(2, 3) > 0.5).float()
+    logits = loaded(x)
+    assert torch.allclose(F.binary_cross_entropy_with_logits(logits, y), F.multilabel_soft_margin_loss(logits, y))
+
+
+class _Images:
+    classes = ["a", "b"]
+
+    def __init__(self, n=8, size=32):
+        g = np.random.default_rng(0)
+        self.rgb = (g.random((n, size, size, 3)) * 255).astype(np.uint8)
+        self.labels = torch.from_numpy((g.random((n, 2)) > 0.5).astype(np.float32))
+
+    def __len__(self):
+        return len(self.rgb)
+
+    def load(self, i):
+        return str(i), self.rgb[i], self.labels[i]
+
+
+def test_classifier_training_resumes_exactly(tmp_path):
+    from foveal.training.multilabel import train_multilabel
+
+    opts = dict(vit="vit_tiny_patch16_224", vit_kwargs={"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2},
+                image_size=32, epochs=2, batch_size=4, progress=False, device="cpu")
+    full = train_multilabel(_Images(), out=str(tmp_path / "a"), **opts)
+    calls = [0]
+    import foveal.training.multilabel as ml
+
+    real = ml.F.binary_cross_entropy_with_logits
+
+    def crash(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:  # first step of the second epoch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    ml.F.binary_cross_entropy_with_logits = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_multilabel(_Images(), out=str(tmp_path / "b"), **opts)
+    finally:
+        ml.F.binary_cross_entropy_with_logits = real
+    assert not (tmp_path / "b" / "classifier.safetensors").exists()
+    resumed = train_multilabel(_Images(), out=str(tmp_path / "b"), resume=True, **opts)
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+
+
+def test_seed_store_round_trip_validation_and_atomic_writes(tmp_path, monkeypatch):
+    from foveal.refine.store import SeedStore, shard
+
+    store = SeedStore(tmp_path / "seeds")
+    seeds = torch.rand(2, 5, 7)
+    store.write("2007_000032", seeds, [3, 11], torch.randn(20))
+    rec = store.read("2007_000032")
+    assert rec.classes.tolist() == [3, 11] and torch.equal(rec.seeds, seeds.half().float())
+    assert rec.dense(20)[[3, 11]].equal(rec.seeds) and rec.dense(20).sum() == rec.seeds.sum()
+    with pytest.raises(InputError, match=r"expected \(1, H, W\)"):
+        store.write("x", seeds, [3], torch.zeros(20))
+    with pytest.raises(InputError, match="increasing"):
+        store.write("x", seeds, [11, 3], torch.zeros(20))
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        store.write("x", seeds * 2, [3, 11], torch.zeros(20))
+    with pytest.raises(FileNotFoundError, match="seeds stage"):
+        store.read("missing")
+
+    def broken(f, **arrays):  # dies half-way through writing the file
+        f.write(b"PK partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", broken)
+    with pytest.raises(KeyboardInterrupt):
+        store.write("2007_000039", seeds, [3, 11], torch.zeros(20))
+    assert not store.has("2007_000039") and sorted(p.name for p in store.folder.iterdir()) == ["2007_000032.npz"]
+    items = list(range(11))
+    parts = [shard(items, r, 3) for r in range(3)]
+    assert sorted(sum(parts, [])) == items and all(len(p) in (3, 4) for p in parts)
+
+
+def test_pseudo_ignore_and_class_ids_of_walked_masks():
+    from foveal.pipelines.wsss import walk_image
+
+    torch.manual_seed(0)
+    refiner = registry_build_small()
+    rgb = (np.random.default_rng(0).random((32, 40, 3)) * 255).astype(np.uint8)
+    seeds = torch.rand(2, 32, 40) ** 2
+    classes = torch.tensor([6, 14])  # VOC car and person -> PNG values 7 and 15
+    plain = walk_image(refiner, rgb, seeds, classes, False, None, "cpu")
+    assert set(np.unique(plain["refined"]).tolist()) <= {0, 7, 15} and set(plain) == {"seeds", "refined"}
+    ignored = walk_image(refiner, rgb, seeds, classes, False, 0.99, "cpu")["refined"]
+    assert (ignored == 255).any() and np.array_equal(ignored[ignored != 255], plain["refined"][ignored != 255])
+    empty = walk_image(refiner, rgb, torch.zeros(0, 32, 40), torch.zeros(0, dtype=torch.long), False, None, "cpu")
+    assert (empty["seeds"] == 0).all() and (empty["refined"] == 0).all()  # no class: all background
+
+
+def registry_build_small():
+    from foveal import registry
+
+    return registry.build("affinitynet", backbone_options={"model_name": "test_resnet"}, levels=[1, 2],
+                          level_channels=[8, 8], feature_dim=8, walk="sparse", steps=8).eval()
+
+
+def test_real_dense_crf_snaps_to_colour_edges():
+    pytest.importorskip("pydensecrf")
+    from foveal.refine.crf import dense_crf
+
+    rgb = np.zeros((20, 40, 3), np.uint8)
+    rgb[:, :20] = (220, 30, 30)
+    rgb[:, 20:] = (30, 30, 220)
+    scores = np.full((2, 20, 40), 0.4)
+    scores[0, :, :26] = 0.6  # the unaries put the border at column 26, the colours at 20
+    scores[1, :, 26:] = 0.6
+    probs = dense_crf(rgb, scores)
+    assert probs.shape == (2, 20, 40) and np.allclose(probs.sum(0), 1, atol=1e-4)
+    labels = probs.argmax(0)
+    assert (labels[:, :20] == 0).all() and (labels[:, 20:] == 1).all()
+
+
+def test_crf_rows_skipped_with_a_note_when_missing(tmp_path, monkeypatch):
+    import sys
+
+    from foveal.core.errors import FovealError
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    small = dict(images=8, size=32, num_classes=2, cls_epochs=1, aff_epochs=1, examples=1, progress=False,
+                 vit_kwargs={"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2},
+                 affinity_options={"backbone_options": {"model_name": "test_resnet"}, "steps": 4})
+    result = run_wsss(out=str(tmp_path / "a"), **small)
+    assert set(result.miou) == {"seeds", "refined"} and "pip install 'foveal[crf]'" in result.notes[0]
+    assert "foveal[crf]" in (tmp_path / "a" / "report.html").read_text()
+    with pytest.raises(FovealError, match="pydensecrf2"):
+        run_wsss(out=str(tmp_path / "b"), crf_eval=True, **small)
+
+
+def test_presets_and_bad_dataset_settings(tmp_path):
+    from pydantic import ValidationError
+
+    from foveal.data.fixtures import write_imagenet_folders
+    from foveal.pipelines.wsss import WSSSConfig
+
+    with pytest.raises(ValidationError, match="needs data_root"):
+        WSSSConfig(dataset="voc")
+    with pytest.raises(ValidationError, match="without dataset"):
+        WSSSConfig(data_root="/data")
+    assert WSSSConfig(dataset="voc", data_root="/data").aff_crop == 448  # the voc preset: paper / psa values
+    assert WSSSConfig(dataset="voc", data_root="/data", aff_crop=320).aff_crop == 320  # a set field wins
+    synthetic = WSSSConfig().affinity_options
+    assert synthetic["walk_preset"] == "paper" and synthetic["pairs"] == "all" and not synthetic["freeze_bn"]
+    assert WSSSConfig(affinity_options={"feature_dim": 8}).affinity_options["walk_preset"] == "paper"  # merged
+    assert "walk_preset" not in WSSSConfig(affinity_options={"steps": 4}).affinity_options  # explicit t wins
+    assert WSSSConfig(dataset="voc", data_root="/data").affinity_options.get("walk_preset") is None  # psa's
+    write_imagenet_folders(tmp_path / "folder", per_class=1, size=32)
+    with pytest.raises(InputError, match="no image-level 'labels'"):
+        run_wsss(out=str(tmp_path / "out"), dataset="folder", data_root=str(tmp_path / "folder" / "n01440764"),
+                 progress=False)

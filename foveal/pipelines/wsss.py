@@ -83,10 +83,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vit": "vit_tiny_patch16_224", "vit_kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4},
         "image_size": None, "cls_epochs": 30, "cls_lr": 1e-3, "cls_batch_size": 16, "cls_optimizer": "adamw",
         "cls_weight_decay": 0.05, "cls_schedule": "cosine", "cls_jitter": False,
-        # random-init backbone: nothing to keep frozen (psa freezes a pretrained one)
+        # random-init backbone: nothing to keep frozen (psa freezes a pretrained one); a 16 x 16 grid:
+        # psa's border margins would drop 62 % of its positions and t = 256 over-smooths it (docs/wsss.md)
         "affinity_options": {"backbone_options": {"model_name": "resnet10t"}, "levels": [1, 2, 3],
                              "level_channels": [16, 32, 64], "feature_dim": 64, "walk": "sparse",
-                             "freeze_bn": False, "freeze_levels": 0},
+                             "freeze_bn": False, "freeze_levels": 0, "pairs": "all", "walk_preset": "paper"},
         "aff_epochs": 8, "aff_crop": None, "aff_jitter": False,
     },
     "voc": {
@@ -175,7 +176,10 @@ class WSSSConfig(BaseModel):
         data["preset"] = preset
         for key, value in PRESETS[preset].items():
             if key == "affinity_options":
-                data[key] = {**value, **(data.get(key) or {})}
+                given = dict(data.get(key) or {})
+                if ("beta" in given or "steps" in given) and "walk_preset" not in given:
+                    value = {k: v for k, v in value.items() if k != "walk_preset"}  # explicit beta / t win
+                data[key] = {**value, **given}
             elif key not in data:
                 data[key] = value
         return data
