@@ -9,9 +9,9 @@ image, and memory staying flat as the dataset grows.
    (beta 8, t 256) and the ``paper`` preset (beta 16, t 8), ``sparse`` vs psa's dense ``squaring``
    (the baseline), on the feature grid of a stride-8 backbone (63 x 47 for 500 x 375).
 3. **Memory**: peak resident memory (``ru_maxrss``) of a fresh process running the seeds, walk and
-   evaluation stages over N and 4N images (default 50 and 200); the ratio should stay near 1 since
-   no stage holds per-image arrays beyond the image at hand. For scale, the in-memory seeds tensor
-   of the former pipeline (N, 20, H, W) float32 is printed beside it.
+   evaluation stages over N and 4N images (default 50 and 200; ResNet-18 AffinityNet, same grid); the
+   ratio should stay near 1 since no stage holds per-image arrays beyond the image at hand. For scale,
+   the in-memory seeds tensor of the former pipeline (N, 20, H, W) float32 is printed beside it.
 
     .venv/bin/python benchmarks/bench_wsss.py              # defaults: ViT-Ti/16 at 224, resnet50 walk
     .venv/bin/python benchmarks/bench_wsss.py --quick      # 2 images per timing, 10 vs 40 for memory
@@ -155,6 +155,7 @@ def _memory_child(args_json: str, root: str, n: int, queue) -> None:
     from foveal.refine.store import SeedStore
 
     work = Path(tempfile.mkdtemp())
+    args.walk_backbone = args.memory_backbone
     cfg = wsss.WSSSConfig(**pipeline_config(Path(root), work / "run", args), classifier=str(classifier(args, work)))
     images = wsss.dataset_set(cfg, "train")
     images = wsss.ImageSet(images.ids[:n], images.classes, images.item, "subset", True)
@@ -172,7 +173,7 @@ def _memory_child(args_json: str, root: str, n: int, queue) -> None:
 
 def bench_memory(args, root: Path) -> list[str]:
     ctx = mp.get_context("spawn")
-    rows = [f"| seeds + walk + eval stages, 500x375, {args.vit} / {args.walk_backbone}, fresh process | images "
+    rows = [f"| seeds + walk + eval stages, 500x375, {args.vit} / {args.memory_backbone}, fresh process | images "
             "| peak RSS (MiB) | / smallest | seconds | former in-memory seeds tensor (MiB) |",
             "|---|---|---|---|---|---|"]
     first = None
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--vit", default="vit_tiny_patch16_224", help="timm ViT of the classifier (random weights)")
     parser.add_argument("--image-size", type=int, default=224, help="classifier input side (paper: 448)")
     parser.add_argument("--walk-backbone", default="resnet50", help="timm CNN of AffinityNet (stride-8 grid)")
+    parser.add_argument("--memory-backbone", default="resnet18", help="AffinityNet CNN of the memory runs")
     parser.add_argument("--seed-images", type=int, default=8)
     parser.add_argument("--walk-images", type=int, default=3)
     parser.add_argument("--memory-small", type=int, default=50)
