@@ -81,11 +81,11 @@ class Report:
         )
 
     def write(self, path: str | os.PathLike) -> Path:
+        from .core.checkpoint import atomic_write_bytes
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_html(), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_bytes(self.to_html().encode("utf-8"), path)
         return path
 
 

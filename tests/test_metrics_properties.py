@@ -20,7 +20,7 @@ from foveal.testing import check_component
 FAST = settings(max_examples=30, deadline=None)
 SLOW = settings(max_examples=20, deadline=None)  # examples that run many model forwards
 METRICS = ["average-drop", "average-increase", "average-gain", "insertion", "deletion", "percentage-in",
-           "perturbation-auc", "pointing-game", "saliency-segmentation", "dice", "iou", "mean-dice", "mean-iou"]
+           "perturbation-auc", "road", "pointing-game", "saliency-segmentation", "dice", "iou", "mean-dice", "mean-iou"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +81,7 @@ EXPLANATION = {
     "average-drop": {}, "average-increase": {}, "average-gain": {},
     "insertion": {"steps": 7}, "deletion": {"steps": 7}, "percentage-in": {"fraction": 0.3},
     "perturbation-auc": {}, "perturbation-auc-negative": {"mode": "negative"},
+    "road": {"fractions": (0.2, 0.5), "score": "probability", "order": "combined"},
 }
 
 
@@ -224,7 +225,7 @@ def test_rank_metrics_invariant_to_increasing_transforms(params, levels, t):
     x, s = images_and_maps(seed, b, h, w, levels=levels)  # integer levels: exact, ties preserved
     s2 = TRANSFORMS[t](s)
     assert torch.equal(torch.sort(s2.flatten(1), 1).indices, torch.sort(s.flatten(1), 1).indices)
-    for name in ("insertion", "deletion", "percentage-in", "perturbation-auc", "perturbation-auc-negative"):
+    for name in ("insertion", "deletion", "percentage-in", "perturbation-auc", "perturbation-auc-negative", "road"):
         m = build(name, **EXPLANATION[name])
         torch.testing.assert_close(m(MODEL, x, s), m(MODEL, x, s2), rtol=0, atol=0)
     keep = registry.build("average-drop", keep_fraction=0.5)

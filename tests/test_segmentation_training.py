@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -233,3 +234,89 @@ def test_ddp_two_cpu_processes_keep_identical_replicas(small_data, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in log)
     # each process takes half of each global batch: 4 images / batch 4 = 1 step per epoch
     assert log[0]["steps"] == 1
+
+
+def test_load_model_names_an_unknown_config_field_of_a_training_state(tmp_path):
+    from foveal import registry
+    from foveal.core.errors import CheckpointError
+    from foveal.core.training import save_training_state
+
+    model = registry.build("rta-former-t", width=16)
+    config = {**model.config.model_dump(mode="json"), "future_option": 1}
+    save_training_state(tmp_path / "last.safetensors", model=model, epoch=1,
+                        extra={"model": "rta-former-t", "model_config": config})
+    with pytest.raises(CheckpointError, match="'future_option' .*'rta-former-t' does not know: written by a newer"):
+        load_model(tmp_path / "last.safetensors")
+    # a state that recorded an initial weights file rebuilds without it (the file may be gone)
+    save_training_state(tmp_path / "old.safetensors", model=model, epoch=1, extra={
+        "model": "rta-former-t", "model_config": {**model.config.model_dump(mode="json"),
+                                                  "backbone_weights": str(tmp_path / "gone.pth")}})
+    again = load_model(tmp_path / "old.safetensors")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+# --- masks as the reference loaders read them (issue 15.5) --------------------------------------
+
+
+def _grey_mask(path, values):
+    from PIL import Image
+
+    Image.fromarray(np.asarray(values, dtype=np.uint8), mode="L").save(path)
+    return path
+
+
+def _one_pair(root, mask_values, size=(37, 50)):
+    from foveal.viz import save_image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    save_image(np.full((*size, 3), 128, np.uint8), root / "images" / "a.png")
+    return _grey_mask(root / "masks" / "a.png", mask_values)
+
+
+def test_training_masks_are_resized_like_the_reference_loader(tmp_path):
+    from PIL import Image
+    from torchvision import transforms
+
+    yy, xx = np.mgrid[0:37, 0:50]
+    disk = ((yy - 18) ** 2 + (xx - 22) ** 2 < 12**2) * 255
+    path = _one_pair(tmp_path, disk)
+    mask = PolypDataset(tmp_path, size=32)[0][1]
+    # PraNet / Polyp-PVT utils/dataloader.py: transforms.Resize((s, s)) + ToTensor() of the "L" image
+    reference = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])(
+        Image.open(path).convert("L"))
+    assert mask.shape == (1, 32, 32) and torch.equal(mask, reference)
+    soft = (mask > 0) & (mask < 1)
+    assert soft.sum() > 10  # soft values along the boundary, not a binary mask
+    hard = PolypDataset(tmp_path, size=32, soft_masks=False)[0][1]
+    assert set(hard.unique().tolist()) == {0.0, 1.0}
+
+
+def test_evaluation_masks_keep_their_size_and_are_binarised_like_the_toolbox(tmp_path):
+    values = np.zeros((37, 50), np.uint8)
+    values[:, 10:20], values[:, 20:30], values[:, 30:40], values[:, 40:] = 127, 128, 129, 255
+    _one_pair(tmp_path, values)
+    mask = PolypDataset(tmp_path, size=32, mask_size="original")[0][1][0]
+    assert mask.shape == (37, 50)
+    # PraNet's evaluation toolbox (main.m): gt = gt > 128
+    expected = torch.from_numpy(values > 128).float()
+    assert torch.equal(mask, expected) and mask[:, 20:30].sum() == 0
+
+
+def test_training_without_backbone_weights_warns_once_and_logs_it(small_data, tmp_path):
+    from safetensors.torch import save_file
+
+    from foveal import registry
+
+    with pytest.warns(UserWarning, match=r"rta-former-t: the encoder \(pvt-v2-b0\) starts from random weights.*"
+                                         r"rta-former.txt sec. II.B.*--backbone-weights pvt_v2_b0.pth"):
+        train(SMALL, data=str(small_data), out=str(tmp_path / "a"), epochs=1)
+    first = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["epoch"] == 1 and "random weights" in first["warnings"][0]
+    body = registry.build("pvt-v2-b0").body.state_dict()
+    save_file({k: v.contiguous() for k, v in body.items()}, tmp_path / "pvt.safetensors")
+    options = {**SMALL["model_options"], "backbone_weights": str(tmp_path / "pvt.safetensors")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train({**SMALL, "model_options": options}, data=str(small_data), out=str(tmp_path / "b"), epochs=1)
+    assert "warnings" not in json.loads((tmp_path / "b" / "metrics.jsonl").read_text())

@@ -10,6 +10,8 @@ the generic implementation, which installs the rules on timm's modules through a
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import timm
 import torch
@@ -40,29 +42,57 @@ def sdiv(a, b):
     return torch.where(b == 0, torch.zeros_like(a), a / (b + EPS))
 
 
-def lrp_linear(x, w, r):
-    """alpha1-beta0: positive contributions z+ = x+ W+ + x- W-."""
+def lrp_linear(x, w, r, separate=False):
+    """alpha1-beta0: positive contributions z+ = x+ W+ + x- W-; ``separate`` (the original rule of
+    Chefer et al.'s layers_lrp.Linear): x+ W+ and x- W- normalised apart."""
     px, nx, pw, nw = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+    if separate:
+        return px * (sdiv(r, px @ pw.T) @ pw) + nx * (sdiv(r, nx @ nw.T) @ nw)
     s = sdiv(r, px @ pw.T + nx @ nw.T)
     return px * (s @ pw) + nx * (s @ nw)
 
 
-def lrp_add(a, b, r):
-    """z-rule, then each share rescaled: |sum Ra| / (|sum Ra| + |sum Rb|) * sum R (per sample)."""
+def lrp_add(a, b, r, normalise=True):
+    """z-rule, then (Chefer's rule, not the original one) each share rescaled:
+    |sum Ra| / (|sum Ra| + |sum Rb|) * sum R (per sample)."""
     s = sdiv(r, a + b)
     ra, rb = a * s, b * s
+    if not normalise:
+        return ra, rb
     sa, sb = ra.sum((1, 2), keepdim=True), rb.sum((1, 2), keepdim=True)
     tot = r.sum((1, 2), keepdim=True)
     return (ra * sdiv(sdiv(sa.abs(), sa.abs() + sb.abs()) * tot, sa),
             rb * sdiv(sdiv(sb.abs(), sa.abs() + sb.abs()) * tot, sb))
 
 
-def explicit(m, x, targets):
-    """Forward of a timm ViT written out, then the relevance pass; returns per block the attention
-    A, its gradient and its relevance, each (B, heads, N, N)."""
+def lrp_patch_conv(x, conv, r):
+    """z^B rule of Chefer's Conv2d.relprop on 3-channel input: bounds = per-image min / max."""
+    low = x.amin((1, 2, 3), keepdim=True).expand_as(x)
+    high = x.amax((1, 2, 3), keepdim=True).expand_as(x)
+    w, stride = conv.weight, conv.stride
+    pw, nw = w.clamp(min=0), w.clamp(max=0)
+    z = F.conv2d(x, w, stride=stride) - F.conv2d(low, pw, stride=stride) - F.conv2d(high, nw, stride=stride)
+    s = sdiv(r, z)
+
+    def back(t):
+        return F.conv_transpose2d(s, t, stride=stride)
+
+    return x * back(w) - low * back(pw) - high * back(nw)
+
+
+def explicit(m, x, targets, rules="chefer", scale_by_logit=False):
+    """Forward of a timm ViT written out, then the relevance pass with Chefer's rules (``"chefer"``)
+    or the original LRP rules of their baselines (``"orig"``: no normalisation of additions, alpha-
+    beta normalised per sign); returns per block the attention A, its gradient and its relevance,
+    each (B, heads, N, N), and the relevance of the pixels (B, 3, H, W) (their "full" LRP).
+    Relevance starts at the one-hot target (the authors' relprop), or at the target logit
+    (``scale_by_logit``, as ``lrp``: the normalisation's stabiliser makes this differ by more
+    than rounding from scaling afterwards)."""
+    orig = rules == "orig"
     b = x.shape[0]
-    t = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
-    t = torch.cat([m.cls_token.expand(b, -1, -1), t], 1) + m.pos_embed
+    patches = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    cat = torch.cat([m.cls_token.expand(b, -1, -1), patches], 1)
+    t = cat + m.pos_embed
     cache = []
     for blk in m.blocks:
         a, at = blk.attn, {}
@@ -89,20 +119,22 @@ def explicit(m, x, targets):
     logits = F.linear(c, m.head.weight, m.head.bias)
     onehot = F.one_hot(torch.tensor(targets), logits.shape[1]).to(x.dtype)
     (logits * onehot).sum().backward()
+    if scale_by_logit:
+        onehot = onehot * logits.detach()
 
     with torch.no_grad():
-        r_c = lrp_linear(c, m.head.weight, onehot)
+        r_c = lrp_linear(c, m.head.weight, onehot, orig)
         r = torch.zeros_like(y)
         r[:, 0] = r_c * sdiv(c, c)  # z-rule of the selection y -> y[:, 0]
         rel = []
         for at in reversed(cache):
             blk, attn = at["blk"], at["blk"].attn
-            ra, rb = lrp_add(at["t1"], at["f2"], r)  # second residual
-            rg = lrp_linear(at["g"], blk.mlp.fc2.weight, rb)
-            rh2 = lrp_linear(at["h2"], blk.mlp.fc1.weight, rg)  # GELU identity
+            ra, rb = lrp_add(at["t1"], at["f2"], r, not orig)  # second residual
+            rg = lrp_linear(at["g"], blk.mlp.fc2.weight, rb, orig)
+            rh2 = lrp_linear(at["h2"], blk.mlp.fc1.weight, rg, orig)  # GELU identity
             r1 = (ra + rh2) * sdiv(at["t1"], at["t1"])  # fork of t1 (LayerNorm identity)
-            ra, rb = lrp_add(at["t0"], at["p"], r1)  # first residual
-            rom = lrp_linear(at["om"], attn.proj.weight, rb)
+            ra, rb = lrp_add(at["t0"], at["p"], r1, not orig)  # first residual
+            rom = lrp_linear(at["om"], attn.proj.weight, rb, orig)
             ro = rom.reshape(*rom.shape[:2], attn.num_heads, -1).transpose(1, 2)
             s = sdiv(ro, at["o"])
             r_att = at["A"] * (s @ at["v"].transpose(-1, -2)) / 2
@@ -112,11 +144,15 @@ def explicit(m, x, targets):
             r_q = at["q"] * (s @ at["k"]) / 2
             r_k = at["k"] * (s.transpose(-1, -2) @ at["q"]) / 2
             r_qkv = torch.stack([r_q, r_k, r_v]).permute(1, 3, 0, 2, 4).reshape(*at["h"].shape[:2], -1)
-            rh = lrp_linear(at["h"], attn.qkv.weight, r_qkv)
+            rh = lrp_linear(at["h"], attn.qkv.weight, r_qkv, orig)
             r = (ra + rh) * sdiv(at["t0"], at["t0"])
             rel.append(r_att)
+        r_cat, _ = lrp_add(cat, m.pos_embed.expand_as(cat), r, not orig)  # position embedding
+        n = m.patch_embed.grid_size
+        r_patches = r_cat[:, 1:].transpose(1, 2).reshape(b, -1, *n)  # the class token keeps its share
+        r_pixels = lrp_patch_conv(x, m.patch_embed.proj, r_patches)
     rel.reverse()
-    return [at["A"].detach() for at in cache], [at["A"].grad for at in cache], rel
+    return [at["A"].detach() for at in cache], [at["A"].grad for at in cache], rel, r_pixels
 
 
 def attribute(name, m, x, targets=None, **kw):
@@ -149,7 +185,7 @@ def setup():
 
 @pytest.mark.parametrize("start", [0, 1])
 def test_transformer_attribution_matches_layerwise_derivation(setup, start):
-    m, x, targets, (att, grads, rel) = setup
+    m, x, targets, (att, grads, rel, _) = setup
     cams = [(g * r).clamp(min=0).mean(1) for g, r in zip(grads, rel)]
     expected = rollout(cams, start)[:, 0, 1:].reshape(2, 4, 4)
     got = attribute("vit-lrp", m, x, targets, start_layer=start)
@@ -161,23 +197,62 @@ def test_transformer_attribution_matches_layerwise_derivation(setup, start):
 
 
 def test_baselines_match_their_definitions(setup):
-    m, x, targets, (att, grads, rel) = setup
+    m, x, targets, (att, grads, rel, _) = setup
 
     def grid(t):
         return t.reshape(2, 4, 4)
 
     torch.testing.assert_close(attribute("raw-attention", m, x, targets), grid(att[-1].mean(1)[:, 0, 1:]))
-    torch.testing.assert_close(attribute("attention-rollout", m, x, targets),
+    torch.testing.assert_close(attribute("attention-rollout", m, x, targets, start_layer=0),
                                grid(rollout([a.mean(1) for a in att], normalise=True)[:, 0, 1:]))
     torch.testing.assert_close(attribute("attention-rollout", m, x, targets, start_layer=2),
                                grid(rollout([a.mean(1) for a in att], 2, normalise=True)[:, 0, 1:]))
     w = grads[-1][:, :, 0, 1:].mean(-1, keepdim=True)
     torch.testing.assert_close(attribute("attn-grad-cam", m, x, targets),
                                grid((att[-1][:, :, 0, 1:] * w).mean(1).clamp(min=0)))
-    torch.testing.assert_close(attribute("partial-lrp", m, x, targets),
-                               grid(rel[-1].clamp(min=0).mean(1)[:, 0, 1:]), rtol=1e-9, atol=1e-14)
     torch.testing.assert_close(attribute("raw-attention", m, x, targets, layer=0),
                                grid(att[0].mean(1)[:, 0, 1:]))
+
+
+def test_start_layer_defaults_to_the_authors_scripts(setup):
+    """Issue 15: Tables 2/3 come from generate_LRP(..., start_layer=1) and
+    generate_rollout(..., start_layer=1) (baselines/ViT/generate_visualizations.py,
+    imagenet_seg_eval.py)."""
+    m, x, targets, (att, grads, rel, _) = setup
+    cams = [(g * r).clamp(min=0).mean(1) for g, r in zip(grads, rel)]
+    torch.testing.assert_close(attribute("vit-lrp", m, x, targets), rollout(cams, 1)[:, 0, 1:].reshape(2, 4, 4),
+                               rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(attribute("attention-rollout", m, x, targets),
+                               rollout([a.mean(1) for a in att], 1, normalise=True)[:, 0, 1:].reshape(2, 4, 4))
+    one_block = tiny_vit(depth=1)  # no block 1: the default starts at 0 there
+    x1 = x[:1]
+    for name in ("vit-lrp", "attention-rollout"):
+        torch.testing.assert_close(attribute(name, one_block, x1, 1), attribute(name, one_block, x1, 1, start_layer=0))
+
+
+def test_partial_lrp_uses_the_original_lrp_rules(setup):
+    """Issue 15: the "partial LRP" column is run on ViT_orig_LRP (modules/layers_lrp.py): additions
+    without the normalisation, alpha-beta normalised per sign, not Chefer's rules."""
+    m, x, targets, (_, _, rel_chefer, _) = setup
+    _, _, rel, _ = explicit(m, x, targets, "orig")
+    expected = rel[-1].clamp(min=0).mean(1)[:, 0, 1:].reshape(2, 4, 4)
+    got = attribute("partial-lrp", m, x, targets)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+    chefer = rel_chefer[-1].clamp(min=0).mean(1)[:, 0, 1:].reshape(2, 4, 4)
+    assert not torch.allclose(got / got.amax(), chefer / chefer.amax(), atol=1e-3)
+
+
+@pytest.mark.parametrize("rules", ["chefer", "orig"])
+def test_lrp_to_the_pixels_matches_layerwise_derivation(setup, rules):
+    """``lrp`` with rules=chefer / orig-lrp on a plain ViT is Chefer et al.'s "full" LRP (their
+    relprop(method="full") on ViT_LRP / ViT_orig_LRP; the latter is the "LRP" column of Tables
+    2/3): the block relevances of vit-lrp / partial-lrp, then the position-embedding addition, the
+    class token dropped and z^B on the patch embedding."""
+    m, x, targets, _ = setup
+    expected = explicit(m, x, targets, rules, scale_by_logit=True)[3]
+    hooks: list = []
+    got = registry.build("lrp", rules="chefer" if rules == "chefer" else "orig-lrp").relevance(m, x, targets, hooks)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -267,3 +342,55 @@ def test_clear_errors():
     with pytest.raises(InputError, match="scaled_dot_product_attention"):
         e.explain(m, torch.randn(1, 3, 32, 32))
     assert _hook_count(m) == hooks
+
+
+@pytest.mark.parametrize("names", [("vit-lrp", "partial-lrp"), ("attn-grad-cam", "attention-rollout")])
+def test_two_hundred_explains_leave_no_growth(names):
+    """Issue 17: every vit-lrp / partial-lrp call leaked its graph (a saved output held by the
+    tracer's node formed a cycle through autograd that gc cannot free)."""
+    m = tiny_vit(torch.float32, depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    explainers = [registry.build(n) for n in names]
+    for e in explainers:  # warm-up
+        e.explain(m, x, [1, 2])
+    gc.collect()
+    objects_before = len(gc.get_objects())
+    tensors_before = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    for i in range(200):
+        maps = explainers[i % 2].explain(m, x, [1, 2])
+    del maps
+    gc.collect()
+    tensors_after = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    assert _hook_count(m) == 0
+    assert tensors_after <= tensors_before, f"{tensors_after - tensors_before} tensors survive 200 explains"
+    assert len(gc.get_objects()) - objects_before < 100, "python objects accumulate over 200 explains"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_grad_caller_gets_the_same_maps(name):
+    """Issue 17: the gradient-based ViT explainers failed under torch.no_grad()."""
+    m = tiny_vit(seed=5)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    expected = registry.build(name).explain(m, x, [1, 2])
+    with torch.no_grad():
+        got = registry.build(name).explain(m, x, [1, 2])
+    assert torch.equal(got, expected)
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("name", ["vit-lrp", "partial-lrp", "attn-grad-cam"])
+def test_inference_mode_gives_the_same_maps(name):
+    """Explainer.explain leaves inference mode for the call and clones inference-mode images
+    (branch robust, issue 17 item 5), so these work there too, with the same maps."""
+    m = tiny_vit(torch.float32)
+    hooks = _hook_count(m)
+    x = torch.randn(1, 3, 32, 32)
+    expected = registry.build(name).explain(m, x, 1)
+    with torch.inference_mode():
+        assert torch.equal(registry.build(name).explain(m, x, 1), expected)
+        frozen = x.clone()
+    assert torch.equal(registry.build(name).explain(m, frozen, 1), expected)
+    assert _hook_count(m) == hooks
+    # the gradient-free baselines work in inference mode
+    with torch.inference_mode():
+        assert registry.build("attention-rollout").explain(m, torch.randn(1, 3, 32, 32)).shape == (1, 32, 32)

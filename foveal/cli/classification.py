@@ -12,7 +12,8 @@ def add_commands(sub) -> None:
         description="Image-folder dataset: DATA/<class>/* or DATA/{train,val}/<class>/*. With --pooling ca-stream "
         "only the stream learns (backbone, BN statistics and classifier frozen); start from a trained GAP model "
         "with --init (foveal checkpoint) or --weights (timm weights file). With --pooling gap every parameter "
-        "trains. Writes OUT/model.safetensors, OUT/last.safetensors (resume with --resume) and OUT/log.jsonl.",
+        "trains. Writes OUT/model.safetensors, OUT/last.safetensors and OUT/log.jsonl; an OUT that holds a run "
+        "needs --resume (continue it) or --overwrite (start afresh).",
     )
     p.add_argument("data", help="dataset root")
     p.add_argument("--out", required=True, help="output folder")
@@ -38,7 +39,9 @@ def add_commands(sub) -> None:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT (from OUT/last.safetensors)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run in OUT (checkpoints, log.jsonl) and start afresh")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_classifier)
 
@@ -62,7 +65,8 @@ def cmd_train_classifier(args) -> int:
         single_block=args.single_block, qk_proj=args.qk_proj, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, lr_step=args.lr_step,
         lr_gamma=args.lr_gamma, image_size=args.image_size, crop_scale=tuple(args.crop_scale),
-        workers=args.workers, seed=args.seed, device=args.device, resume=args.resume, progress=not args.quiet,
+        workers=args.workers, seed=args.seed, device=args.device, resume=args.resume,
+        overwrite=args.overwrite, progress=not args.quiet,
     )
     if result["history"]:
         print(json.dumps(result["history"][-1]))

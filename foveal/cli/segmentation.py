@@ -1,6 +1,7 @@
 """``foveal train``, ``foveal evaluate``, ``foveal predict`` and ``foveal make-synthetic-polyps``.
 
-Distributed training: ``torchrun --nproc_per_node 2 -m foveal train DATA --out runs/x``.
+Distributed training: ``torchrun --nproc_per_node 2 -m foveal train DATA --out runs/x``. An ``--out``
+that holds a run needs ``--resume`` (continue) or ``--overwrite`` (start afresh).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def add_commands(sub) -> None:
     p.add_argument("--legacy-loss", action="store_true", help="reference structure loss (unweighted BCE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT (from OUT/last.safetensors)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run in OUT (checkpoints, metrics.jsonl, eval.json) and start afresh")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--eval", action="store_true", help="evaluate on DATA/TestDataset afterwards (OUT/eval.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -80,7 +83,7 @@ def cmd_train(args) -> int:
         size=args.size, scales=args.scales, grad_clip=args.grad_clip if args.grad_clip > 0 else None,
         clip_mode=args.clip_mode, lr_decay_epochs=args.lr_decay_epochs, augment=not args.no_augment,
         legacy_loss=args.legacy_loss, seed=args.seed, num_workers=args.num_workers, resume=args.resume,
-        device=args.device, progress=not args.quiet,
+        overwrite=args.overwrite, device=args.device, progress=not args.quiet,
     )
     from ..core.training import is_main_process
 

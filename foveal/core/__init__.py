@@ -6,7 +6,7 @@ from .component import KINDS, Component, PlainComponent
 from .config import ComponentConfig
 from .decoder import Decoder
 from .errors import CheckpointError, FovealError, InputError, PluginWarning, RegistryError
-from .explainer import Explainer, SegmentationTarget, target_scores
+from .explainer import Explainer, OutputSelector, SegmentationTarget, select_output, target_scores
 from .metric import Metric, PooledMetric
 from .model import Model
 from .modules import preserved_model_state, resolve_layer
@@ -18,6 +18,6 @@ __all__ = [
     "KINDS", "Backbone", "CheckpointError", "Component", "PlainComponent", "ComponentConfig", "Decoder",
     "Explainer", "FovealError", "InputError", "Metric", "Model", "PooledMetric", "PluginWarning", "Pooling",
     "Refiner", "RegistryError", "SegmentationTarget", "check_images", "check_maps", "check_masks",
-    "load_state", "normalize_maps", "preserved_model_state", "read_state_dict",
-    "resize_maps", "resolve_layer", "save_state", "target_scores",
+    "load_state", "normalize_maps", "OutputSelector", "preserved_model_state", "read_state_dict",
+    "resize_maps", "resolve_layer", "save_state", "select_output", "target_scores",
 ]

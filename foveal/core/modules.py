@@ -6,6 +6,7 @@ import difflib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from .errors import InputError
@@ -85,3 +86,31 @@ def preserved_model_state(model: nn.Module, *, eval_mode: bool = True) -> Iterat
                 p.requires_grad_(r)
             if p.grad is not g:
                 p.grad = g
+
+
+def check_model_dtype(model: nn.Module, images: torch.Tensor, name: str = "images") -> None:
+    """:class:`InputError` when the floating-point parameters of ``model`` all have one dtype and
+    ``images`` have another (float64 or half images to a float32 model).
+
+    Not checked (left to torch): models without parameters, models mixing parameter dtypes
+    (ambiguous: which one should the images follow?), and calls inside ``torch.autocast`` for
+    the images' device type, where mixed dtypes are the point. The images are never cast
+    silently: the dtype decides the precision of the maps and scores returned.
+    """
+    try:
+        if torch.is_autocast_enabled(images.device.type):
+            return
+    except TypeError:  # pragma: no cover - torch without the device_type argument
+        if torch.is_autocast_enabled():
+            return
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if first is None or first.dtype == images.dtype:
+        return  # the common case costs one parameter lookup; the full scan only runs on a mismatch
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        if images.dtype != dtype:
+            raise InputError(
+                f"{name}: dtype {images.dtype} does not match the model's parameters ({dtype}); convert the "
+                f"images with .to({dtype}) or the model with .to({images.dtype})"
+            )

@@ -13,15 +13,15 @@ import numpy as np
 from ..core.errors import InputError
 from .images import list_images
 from .items import ItemDataset, close_matches, open_image
-from .polyp import find_pairs, find_test_sets, train_folder
+from .polyp import MASK_THRESHOLD, find_pairs, find_test_sets, train_folder
 
 DATASET_KINDS = ("imagenet", "imagenet-seg", "voc", "polyp", "folder")
 IMAGENET_SEG_FILE = "gtsegs_ijcv.mat"
 
 
-def _binary_mask(path: Path) -> np.ndarray:
-    """{0, 1} uint8 (H, W): grey level > 127, as :func:`foveal.data.images.read_mask`."""
-    return (np.asarray(open_image(path, "mask").convert("L")) > 127).astype(np.uint8)
+def _binary_mask(path: Path, threshold: int = 127) -> np.ndarray:
+    """{0, 1} uint8 (H, W): grey level > ``threshold`` (127, as :func:`foveal.data.images.read_mask`)."""
+    return (np.asarray(open_image(path, "mask").convert("L")) > threshold).astype(np.uint8)
 
 
 class FolderDataset(ItemDataset):
@@ -58,7 +58,8 @@ class FolderDataset(ItemDataset):
 
 class PolypItemDataset(ItemDataset):
     """One polyp dataset folder (``images/`` + ``masks/``, see :mod:`foveal.data.polyp`) as items
-    with ``"mask"`` {0, 1} (grey > 127) and ``"label"`` -1."""
+    with ``"mask"`` {0, 1} and ``"label"`` -1. Masks are binarised with the polyp benchmarks'
+    ``gt > 128`` (:data:`foveal.data.polyp.MASK_THRESHOLD`), as the segmentation evaluation does."""
 
     def __init__(self, folder: str | os.PathLike, **options) -> None:
         super().__init__(**options)
@@ -71,7 +72,7 @@ class PolypItemDataset(ItemDataset):
 
     def __getitem__(self, index: int) -> dict:
         image, mask = self.pairs[index]
-        return self._item(index, self.ids[index], open_image(image), mask=_binary_mask(mask))
+        return self._item(index, self.ids[index], open_image(image), mask=_binary_mask(mask, MASK_THRESHOLD))
 
 
 def _imagenet_folder(root: Path, split: str | None) -> Path:

@@ -7,7 +7,9 @@ Layout of the standard polyp benchmarks (PraNet / Polyp-PVT release)::
 
 ``image/`` and ``mask/`` are accepted for ``images/`` and ``masks/``. Images and masks pair by
 file stem (``a.jpg`` with ``a.png``); unpaired, duplicated or unreadable files are errors that
-name them. :func:`make_synthetic_polyps` writes the same layout with generated images (no
+name them. Masks are read as the reference loaders read them (:class:`PolypDataset`: soft
+bilinear masks for training, the ground truth binarised with ``> 128`` at its own size for
+evaluation). :func:`make_synthetic_polyps` writes the same layout with generated images (no
 download) for demos and tests.
 """
 
@@ -18,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 from torch.utils.data import Dataset
 
 from ..core.errors import InputError
 from ..viz import save_image
-from .images import list_images, read_mask, read_rgb, to_tensor
+from .images import list_images, read_rgb, to_tensor
 
 IMAGE_DIRS = ("images", "image")
 MASK_DIRS = ("masks", "mask")
@@ -91,21 +94,63 @@ def find_test_sets(root: str | os.PathLike) -> dict[str, Path]:
     return found
 
 
+#: Ground-truth pixels above this grey level are polyp: ``gt > 128`` of the PraNet / Polyp-PVT
+#: evaluation toolbox (``main.m``), which the polyp papers' Dice/IoU come from.
+MASK_THRESHOLD = 128
+
+
+def read_polyp_mask(path: str | os.PathLike, size: int | None = None, soft: bool = True) -> np.ndarray:
+    """A ground-truth mask as the reference loaders read it: the grey-level image (PIL ``"L"``),
+
+    * ``size`` given, ``soft=True``: resized to (size, size) with PIL's bilinear filter and
+      scaled to [0, 1] (float32), i.e. ``transforms.Resize((size, size))`` + ``ToTensor()`` of
+      the PraNet / Polyp-PVT training loader: soft values along the resampled boundary;
+    * ``size`` given, ``soft=False``: nearest-neighbour resize, then ``> MASK_THRESHOLD`` (bool);
+    * ``size=None``: the original resolution, ``> MASK_THRESHOLD`` (bool), as the evaluation
+      toolbox binarises the test ground truth.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as im:
+            grey = im.convert("L")
+            if size is not None:
+                grey = grey.resize((size, size), Image.BILINEAR if soft else Image.NEAREST)
+            values = np.asarray(grey, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"cannot read mask {path}: {e}") from e
+    if size is not None and soft:
+        return values.astype(np.float32) / 255.0
+    return values > MASK_THRESHOLD
+
+
 class PolypDataset(Dataset):
-    """(image, mask, stem) samples of one dataset folder.
+    """(image, mask, stem) samples of one dataset folder, read as the PraNet / Polyp-PVT loaders
+    (``utils/dataloader.py``) read them.
 
-    ``size``: images are resized to (size, size) bilinearly and ImageNet-normalised; masks to the
-    same size (nearest) unless ``mask_size="original"`` (evaluation at the ground-truth
-    resolution, as the polyp benchmarks do; use batch size 1 then). Masks are float {0, 1}
-    (1, H, W)."""
+    ``size``: images are resized to (size, size) bilinearly (PIL) and ImageNet-normalised. Masks
+    are float (1, H, W):
 
-    def __init__(self, folder: str | os.PathLike, size: int = 352, mask_size: str = "same") -> None:
+    * ``mask_size="same"`` (training): resized to (size, size) like the reference training loader
+      (PIL bilinear resize of the grey mask, scaled to [0, 1]): soft values along the boundary,
+      which the structure loss takes as they are. ``soft_masks=False`` gives hard {0, 1} masks
+      instead (nearest resize, then ``> 128``: earlier foveal versions read training masks so), for
+      metrics that need a binary mask at the input size (pointing game, explanation scores);
+    * ``mask_size="original"`` (evaluation): the ground truth at its own resolution, binarised
+      with ``> 128`` as the reference evaluation toolbox does (use batch size 1 then).
+
+    See :func:`read_polyp_mask`; ``docs/segmentation.md`` explains the choice."""
+
+    def __init__(self, folder: str | os.PathLike, size: int = 352, mask_size: str = "same",
+                 soft_masks: bool = True) -> None:
         if mask_size not in ("same", "original"):
             raise InputError(f"mask_size must be 'same' or 'original', got {mask_size!r}")
         self.folder = Path(folder)
         self.pairs = find_pairs(folder)
         self.size = int(size)
         self.mask_size = mask_size
+        self.soft_masks = bool(soft_masks)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -113,7 +158,8 @@ class PolypDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         image_path, mask_path = self.pairs[index]
         image = to_tensor(read_rgb(image_path, (self.size, self.size)))
-        mask = read_mask(mask_path, (self.size, self.size) if self.mask_size == "same" else None)
+        size = self.size if self.mask_size == "same" else None
+        mask = read_polyp_mask(mask_path, size, soft=self.soft_masks)
         return image, torch.from_numpy(mask).float()[None], image_path.stem
 
 

@@ -7,23 +7,27 @@ import torch
 from pydantic import Field
 
 from ..core.errors import InputError
-from .relevance import ViTExplainer, rollout
+from .relevance import ViTExplainer, rollout, start_layer
 
 Tensor = torch.Tensor
 
 
 class AttentionRollout(ViTExplainer):
     """Attention rollout (Abnar & Zuidema, ACL 2020), column "rollout" of Tables 2/3: head-mean
-    attention plus identity, rows normalised, multiplied from ``start_layer``; class row.
-    Class-agnostic (``targets`` are ignored)."""
+    attention plus identity, rows normalised, multiplied from ``start_layer`` (default 1, 0 for a
+    one-block model: the authors' evaluation scripts call ``generate_rollout(data,
+    start_layer=1)`` in ``baselines/ViT/generate_visualizations.py`` and ``imagenet_seg_eval.py``);
+    class row. Class-agnostic (``targets`` are ignored)."""
 
     class Config(ViTExplainer.Config):
-        start_layer: int = Field(0, ge=0, description="First block of the rollout.")
+        start_layer: int | None = Field(
+            None, ge=0, description="First block of the rollout; None = 1, as in the authors' Table 2/3 "
+            "evaluation scripts (0 for a one-block model); 0 rolls out every block.")
 
     def attribute(self, model, images, targets, hooks):
         t = self.trace(model, images, targets, hooks)
         layers = [a.mean(dim=1) for a in t.attention]
-        return t.to_map(rollout(layers, self.config.start_layer, normalise=True)[:, 0])
+        return t.to_map(rollout(layers, start_layer(self.config.start_layer, len(layers)), normalise=True)[:, 0])
 
 
 class LastBlockExplainer(ViTExplainer):
@@ -63,14 +67,20 @@ class AttentionGradCAM(LastBlockExplainer):
 
 class PartialLRP(LastBlockExplainer):
     """Partial LRP (Voita et al., ACL 2019; column "partial LRP" of Tables 2/3): the last block's
-    attention relevance (same propagation as ``vit-lrp``), positive part averaged over heads,
-    class-token row."""
+    attention relevance, positive part averaged over heads, class-token row. The relevance is
+    propagated with the original LRP rules, as the authors' evaluation runs it
+    (``orig_lrp.generate_LRP(..., method="last_layer")`` on ``baselines/ViT/ViT_orig_LRP.py``,
+    which imports ``modules/layers_lrp.py``): plain z-rule for additions (no normalisation),
+    alpha-beta with the positive-input and negative-input terms normalised separately, products
+    halved, identity for norms and softmax (rule set ``orig-lrp``), not Chefer's own rules."""
 
     need_relevance = True
+    rules = "orig-lrp"
 
     class Config(LastBlockExplainer.Config):
         eps: float = Field(1e-9, ge=0, description="Stabiliser of LRP denominators (authors' safe_divide).")
-        alpha: float = Field(1.0, ge=1, description="alpha of the alpha-beta rule (beta = alpha - 1).")
+        alpha: float = Field(1.0, ge=1, description="alpha of the alpha-beta rule (beta = alpha - 1); "
+                             "the authors' scripts use 1.")
 
     def attribute(self, model, images, targets, hooks):
         t = self.trace(model, images, targets, hooks)

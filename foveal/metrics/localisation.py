@@ -33,7 +33,15 @@ SEGMENTATION_QUANTITIES = ("pixel-accuracy", "ap", "miou")
 
 def _check(saliency: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     masks = check_masks(masks)
-    saliency = check_maps(saliency, like=masks[:, None])
+    saliency = check_maps(saliency)
+    if saliency.shape[0] != masks.shape[0]:
+        raise InputError(f"saliency {tuple(saliency.shape)} and masks {tuple(masks.shape)}: expected one mask per map, "
+                         f"got {saliency.shape[0]} maps and {masks.shape[0]} masks")
+    if saliency.shape != masks.shape:
+        raise InputError(
+            f"saliency {tuple(saliency.shape)} and masks {tuple(masks.shape)}: expected masks of the maps' size; "
+            "resize the maps (foveal.core.resize_maps) or the masks (nearest neighbour) to one size before scoring"
+        )
     if not saliency.is_floating_point():
         saliency = saliency.float()
     return saliency, masks.to(saliency.device)

@@ -4,7 +4,8 @@ Ahn and Kwak, "Learning Pixel-level Semantic Affinity with Image-level Supervisi
 driven by ViT explanation seeds as in ``vit-lrp-affinitynet.txt`` section 4.3 (Table 4). Details
 the text leaves open follow the authors' code (``jiwoon-ahn/psa``).
 
-Registered: ``affinitynet`` (refiner).
+Registered as ``affinitynet`` (refiner) by :mod:`foveal.plugins.refiners`; the pair geometry,
+seed labels, random walk and CRF it uses are in :mod:`foveal.refine`.
 
 * **Affinity head** (section 4.3, psa ``resnet38_aff.Net``): 1x1 convolutions (no bias, ELU) on
   the last feature levels of a registered backbone, resized to the finest of them and

@@ -1,11 +1,12 @@
-"""Pooling components: global average pooling and the CA-Stream attention pooling, the
-classifiers built on them, and the CA-Stream raw-attention explainer.
+"""Pooling components: global average pooling and the CA-Stream attention pooling, and the
+classifiers built on them (the CA-Stream raw-attention explainer is
+:mod:`foveal.explainers.ca_attention`).
 
 CA-Stream (Torres et al., "CA-Stream: Attention-based pooling for interpretable image
 recognition", CVPRW 2024; ``ca-stream.txt``) replaces GAP in front of a frozen classifier by a
 stream of cross-attention blocks between a learnable query and the features of several stages.
 
-Registered here:
+Registered (by :mod:`foveal.plugins.pooling` and :mod:`foveal.plugins.explainers`) as:
 
 * ``gap`` (pooling): global average pooling.
 * ``ca-stream`` (pooling, ``multi_stage``): the cross-attention stream, eq. 6 and 10.

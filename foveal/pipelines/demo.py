@@ -119,7 +119,7 @@ def train_segmenter(data: Path, out: Path, s: dict, seed: int, progress: bool, r
     from ..training.segmentation import evaluate, format_table, predict_probabilities, train
 
     result = train(data=str(data), out=str(out), model="rta-former-t", epochs=s["epochs"], batch_size=8,
-                   size=s["size"], scales=[1.0], lr=s["lr"], seed=seed, progress=progress)
+                   size=s["size"], scales=[1.0], lr=s["lr"], seed=seed, progress=progress, overwrite=True)
     model = result["model"].eval()
     scores = evaluate(model, data, size=s["size"], progress=progress)
     table = format_table(scores)
@@ -153,7 +153,7 @@ def explain_segmenter(model, data: Path, s: dict, progress: bool, report: Report
     from ..data.polyp import PolypDataset, find_test_sets
 
     folder = next(iter(find_test_sets(data).values()))
-    ds = PolypDataset(folder, size=s["size"])
+    ds = PolypDataset(folder, size=s["size"], soft_masks=False)  # binary masks for the localisation metrics
     n = min(s["explain_images"], len(ds))
     images = torch.stack([ds[i][0] for i in range(n)])
     masks = torch.stack([ds[i][1][0] for i in range(n)]).bool()

@@ -42,7 +42,7 @@ def synthetic_setup(out: Path, seed: int, progress: bool) -> tuple[Path, Path]:
     data = make_synthetic_classes(out / "data", num_classes=4, train_per_class=40, val_per_class=8, size=64,
                                   seed=seed)
     common = {"data": str(data), "batch_size": 16, "image_size": 64, "crop_scale": (0.6, 1.0), "workers": 0,
-              "seed": seed, "progress": progress}
+              "seed": seed, "progress": progress, "overwrite": True}  # the study regenerates its runs
     gap = train_classifier(out=str(out / "gap"), pooling="gap", model_name="resnet18",
                            model_kwargs={"channels": [16, 32, 64, 128], "output_stride": 16}, epochs=8, lr=0.1,
                            lr_step=6, **common)

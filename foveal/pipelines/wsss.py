@@ -411,6 +411,16 @@ class StageLog:
         return out
 
 
+def _resume_options(cfg: WSSSConfig, folder: Path) -> dict[str, bool]:
+    """A resumed pipeline continues a trainer from its last epoch; a trainer folder without a
+    checkpoint (killed in its first epoch) starts afresh."""
+    if not cfg.resume:
+        return {"resume": False, "overwrite": False}
+    if (folder / "last.safetensors").exists():
+        return {"resume": True, "overwrite": False}
+    return {"resume": False, "overwrite": True}
+
+
 def _logged_epochs(folder: Path) -> int:
     return len(MetricsLog(folder / "log.jsonl").read())
 
@@ -422,9 +432,6 @@ def classifier_stage(cfg: WSSSConfig, train: ImageSet, out: Path) -> tuple[Any, 
                                       image_size=cfg.image_size or cfg.size)
         return model, info, []
     folder = out / "classifier"
-    if cfg.resume and (folder / "classifier.safetensors").exists():
-        model, info = load_classifier(folder / "classifier.safetensors", classes=train.classes)
-        return model, info, MetricsLog(folder / "log.jsonl").read()
     if cfg.weights is None and cfg.preset != "synthetic" and is_main_process():
         warnings.warn("the classifier starts from random weights; the paper fine-tunes an ImageNet-pretrained ViT: "
                       "pass weights=FILE (--weights)", stacklevel=3)
@@ -432,8 +439,8 @@ def classifier_stage(cfg: WSSSConfig, train: ImageSet, out: Path) -> tuple[Any, 
         train, out=str(folder), vit=cfg.vit, vit_kwargs=cfg.vit_kwargs, weights=cfg.weights,
         image_size=cfg.image_size or cfg.size, epochs=cfg.cls_epochs, lr=cfg.cls_lr, batch_size=cfg.cls_batch_size,
         optimizer=cfg.cls_optimizer, weight_decay=cfg.cls_weight_decay, schedule=cfg.cls_schedule,
-        color_jitter=PSA_JITTER if cfg.cls_jitter else None, seed=cfg.seed, device=cfg.device, resume=cfg.resume,
-        progress=cfg.progress, workers=cfg.workers)
+        color_jitter=PSA_JITTER if cfg.cls_jitter else None, seed=cfg.seed, device=cfg.device,
+        progress=cfg.progress, workers=cfg.workers, **_resume_options(cfg, folder))
     return trained["model"], trained["info"], trained["history"]
 
 
@@ -512,7 +519,8 @@ def affinity_stage(cfg: WSSSConfig, train: ImageSet, store: SeedStore, out: Path
     trained = train_affinitynet(
         refiner, DiskSeeds(train, store), out=str(out / "affinitynet"), epochs=cfg.aff_epochs, lr=cfg.aff_lr,
         batch_size=cfg.aff_batch_size, crop_size=cfg.aff_crop, color_jitter=PSA_JITTER if cfg.aff_jitter else None,
-        seed=cfg.seed, device=cfg.device, resume=cfg.resume, progress=cfg.progress, workers=cfg.workers)
+        seed=cfg.seed, device=cfg.device, progress=cfg.progress, workers=cfg.workers,
+        **_resume_options(cfg, out / "affinitynet"))
     return trained["model"], trained["history"]
 
 

@@ -5,6 +5,7 @@ from ..explainers.attention_baselines import AttentionGradCAM, AttentionRollout,
 from ..explainers.attention_guided import AttentionGuidedCAM
 from ..explainers.ca_attention import CaAttention
 from ..explainers.gradient_cams import AbsCAMInit, GradCAM, GradCAMPlusPlus, LayerCAM, SmoothGradCAMpp, XGradCAM
+from ..explainers.lrp import LRP
 from ..explainers.score_cams import AbsCAM, ScoreCAM
 from ..explainers.vit_lrp import TransformerAttribution
 from ..registry import hookimpl
@@ -26,4 +27,5 @@ def register_components(register):
     register("raw-attention", RawAttention, aliases=("vit-raw-attention",))
     register("attn-grad-cam", AttentionGradCAM, aliases=("attention-grad-cam",))
     register("partial-lrp", PartialLRP)
+    register("lrp", LRP)
     register("ca-attention", CaAttention, aliases=("ca-stream-attention",))

@@ -1,6 +1,7 @@
 """Metrics: faithfulness and localisation of explanations, segmentation overlap."""
 
 from ..metrics.explanation import (
+    ROAD,
     AverageDrop,
     AverageGain,
     AverageIncrease,
@@ -23,6 +24,7 @@ def register_components(register):
     register("deletion", Deletion)
     register("percentage-in", PercentageIn)
     register("perturbation-auc", PerturbationAUC)
+    register("road", ROAD)
     register("pointing-game", PointingGame)
     register("saliency-segmentation", SaliencySegmentation)
     register("dice", Dice)

@@ -12,7 +12,14 @@ from typing import Any
 
 import torch
 
-from ..core.checkpoint import FORMAT, atomic_save_file, check_format, load_weights, read_checkpoint
+from ..core.checkpoint import (
+    FORMAT,
+    atomic_save_file,
+    check_config_fields,
+    check_format,
+    load_weights,
+    read_checkpoint,
+)
 from ..core.errors import CheckpointError
 
 
@@ -73,7 +80,12 @@ def checkpoint_config(component: Any) -> dict[str, Any]:
 
 
 def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", strict: bool = True) -> Any:
-    """Rebuild the component saved by :func:`save` through ``registry.build`` and load its weights."""
+    """Rebuild the component saved by :func:`save` through ``registry.build`` and load its weights.
+
+    Each failure is one line (:class:`CheckpointError`): a file that is not a foveal checkpoint (a
+    PyTorch ``.pth``/``.pt``: use ``read_state_dict`` or the model's weights option), a component
+    no installed plugin provides, a config field the installed component does not know (a newer
+    foveal or plugin wrote it), weights that do not fit (keys listed)."""
     tensors, meta = read_checkpoint(path)
     check_format(path, meta, FORMAT)
     name = meta.get("name", "")
@@ -89,6 +101,14 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", s
             f"{path} holds component {name!r}, which no installed plugin provides; "
             f"install it with: pip install {plugin}{pin}"
         )
+    from .. import __version__
+
+    entry = _registry().entry(name)
+    writer = meta.get("plugin") or "foveal"
+    written = meta.get("foveal_version" if writer == "foveal" else "plugin_version") or "?"
+    installed = __version__ if writer == "foveal" else entry.distribution_version
+    check_config_fields(entry.cls.Config, config, component=name, source=path,
+                        versions=f"checkpoint from {writer} {written}, installed {installed}")
     component = _registry().build(name, **config)
     load_weights(component, tensors, source=str(path), strict=strict)
     if isinstance(component, torch.nn.Module):

@@ -74,14 +74,18 @@ class Registry:
             from .. import __version__
             from ..plugins import BUNDLED
 
-            for qual in BUNDLED:
-                self._load_plugin(qual, lambda q=qual: importlib.import_module(q),
-                                  BUNDLED_DISTRIBUTION, __version__)
             try:
+                for qual in BUNDLED:
+                    self._load_plugin(qual, lambda q=qual: importlib.import_module(q),
+                                      BUNDLED_DISTRIBUTION, __version__)
                 for ep, dist, version in self._third_party_entry_points():
                     self._load_plugin(ep.name, ep.load, dist, version)
-            except RegistryError:
-                self._loaded = False  # a name conflict is raised on every use until resolved
+            except BaseException:
+                # A name conflict (raised on every use until resolved), or Ctrl-C while loading: never
+                # leave a half-filled table marked as loaded; the next use loads again from scratch.
+                self._entries.clear()
+                self._lookup.clear()
+                self._loaded = False
                 raise
 
     @staticmethod
@@ -120,8 +124,10 @@ class Registry:
                 raise
             self._fail(info, e)
             return
-        except Exception as e:  # any import/hook failure isolates this plugin only
-            self._fail(info, e)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - any import/hook failure, sys.exit() included, isolates this
+            self._fail(info, e)     # plugin only; nothing it staged is registered
             return
         # Commit all-or-nothing: check every staged name first.
         seen: dict[str, Entry] = {}
@@ -145,7 +151,10 @@ class Registry:
 
     @staticmethod
     def _fail(info: PluginInfo, err: BaseException) -> None:
-        info.error = f"{type(err).__name__}: {err}"
+        if isinstance(err, SystemExit):
+            info.error = f"SystemExit: the plugin called sys.exit({err.code!r})"
+        else:
+            info.error = f"{type(err).__name__}: {err}"
         warnings.warn(
             f"foveal plugin {info.name!r} ({info.distribution or 'local'}) was skipped: {info.error}",
             PluginWarning,

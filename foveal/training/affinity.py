@@ -25,20 +25,17 @@ Settings follow ``vit-lrp-affinitynet.txt`` section 5.4 (SGD, lr 0.1, batch 8, w
   ``drop_last``); the pair counts that normalise the loss are summed over the processes, so the
   averaged gradients equal one process holding the whole batch (psa ran ``DataParallel``).
 
-Every epoch writes ``<out>/last.safetensors`` (model, optimizer, scheduler, epoch, RNG states;
-:mod:`foveal.core.training`) and ``<out>/affinitynet.safetensors`` (the refiner as a foveal
-component, ``foveal.load``-able); ``resume=True`` continues exactly where the last completed
-epoch ended: the order comes from the epoch and every item's augmentation from ``(seed, epoch,
-index)``. One JSON line per epoch goes to ``<out>/log.jsonl``.
-
-The loop is written as the pieces a shared training skeleton needs: :func:`build_optimizer`,
-:func:`make_loader`, :func:`train_step` and the epoch loop of :func:`train_affinitynet`.
+The epochs run in the shared skeleton :class:`~foveal.core.training.TrainingRun`: every epoch
+writes ``<out>/last.safetensors`` (model, optimizer, scheduler, epoch, RNG states, the refiner's
+config) and ``<out>/affinitynet.safetensors`` (the refiner as a foveal component,
+``foveal.load``-able), and one JSON line to ``<out>/log.jsonl``; ``resume=True`` continues exactly
+where the last completed epoch ended (the order comes from the epoch and every item's augmentation
+from ``(seed, epoch, index)``); a folder holding a run is refused without ``resume`` or
+``overwrite``. The trainer supplies :func:`build_optimizer`, :func:`make_loader` and :func:`train_step`.
 """
 
 from __future__ import annotations
 
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,24 +45,14 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
 
 from ..core.errors import InputError
-from ..core.training import (
-    MetricsLog,
-    init_distributed,
-    is_main_process,
-    load_training_state,
-    save_training_state,
-    seed_everything,
-    training_device,
-    unwrap,
-)
+from ..core.training import TrainingRun, seed_everything
 from ..data.images import to_tensor, to_uint8
 from ..models.affinitynet import AffinityNet, affinity_loss, check_seeds, pair_labels
 from ..refine.seeds import label_scores, labels_from_scores
 from ..refine.store import atomic_savez
-from ..registry.checkpoints import save
+from ..registry.checkpoints import checkpoint_config, save
 from .augment import PSA_JITTER, color_jitter, crop_box, crop_into, fit_batch
 
 
@@ -94,6 +81,7 @@ class AffinityTrainConfig(BaseModel):
     seed: int = Field(0, description="Seed of shuffling and augmentation.")
     device: str | None = Field(None, description="Device; None = cuda:LOCAL_RANK when available, else cpu.")
     resume: bool = Field(False, description="Continue from <out>/last.safetensors if it exists.")
+    overwrite: bool = Field(False, description="Delete the run in <out> (checkpoints, log.jsonl) and start afresh.")
     progress: bool = Field(True, description="Show a tqdm progress bar (main process).")
 
 
@@ -217,13 +205,14 @@ def train_step(net: nn.Module, refiner: AffinityNet, images: torch.Tensor, label
     return affinity_loss(aff, pos_bg, pos_fg, neg, counts=counts / world)
 
 
-def _warn_random_frozen(refiner: AffinityNet) -> None:
+def random_frozen_warning(refiner: AffinityNet) -> list[str]:
+    """The warning of a run that freezes layers of a randomly initialised backbone (or none)."""
     rc = refiner.config
     if (rc.freeze_bn or rc.freeze_levels) and not rc.backbone_weights:
-        warnings.warn(
-            "affinitynet: BatchNorm / early layers are frozen as in psa, which fine-tunes an ImageNet-pretrained "
-            "backbone, but no backbone_weights were given, so the frozen layers keep their random initialisation; "
-            "pass backbone_weights=FILE, or freeze_bn=False and freeze_levels=0 to train them", stacklevel=3)
+        return ["affinitynet: BatchNorm / early layers are frozen as in psa, which fine-tunes an ImageNet-pretrained "
+                "backbone, but no backbone_weights were given, so the frozen layers keep their random initialisation; "
+                "pass backbone_weights=FILE, or freeze_bn=False and freeze_levels=0 to train them"]
+    return []
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -244,74 +233,39 @@ def train_affinitynet(
         if seeds is None:
             raise InputError("train_affinitynet: images given as a tensor need seeds (N, K, H, W)")
         data = TensorSeedSource(data, seeds, refiner.config.mean, refiner.config.std)
-    rank, world = init_distributed(device=cfg.device)
-    main = is_main_process()
-    if cfg.batch_size % world:
-        raise InputError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    run = TrainingRun(cfg.out, epochs=cfg.epochs, resume=cfg.resume, overwrite=cfg.overwrite,
+                      device=cfg.device or next(refiner.parameters()).device, log_name="log.jsonl",
+                      outputs=("affinitynet.safetensors",), progress=cfg.progress, desc="affinitynet")
+    if cfg.batch_size % run.world:
+        raise InputError(f"batch_size {cfg.batch_size} must be divisible by the {run.world} processes")
     if len(data) < cfg.batch_size:
-        cfg = cfg.model_copy(update={"batch_size": fit_batch(data, cfg.batch_size, world, "train_affinitynet")})
-    device = training_device(cfg.device) if cfg.device or world > 1 else next(refiner.parameters()).device
+        cfg = cfg.model_copy(update={"batch_size": fit_batch(data, cfg.batch_size, run.world, "train_affinitynet")})
+    device = run.device
     refiner.to(device)
-    if main:
-        _warn_random_frozen(refiner)
-    if cfg.crop_size is not None:
-        side = (cfg.crop_size, cfg.crop_size)
-    else:
-        side = tuple(data.load(0)[1].shape[:2])
-    label_size = refiner.feature_size(torch.zeros(1, 3, *side, device=device))
-    dataset = AffinityDataset(data, refiner, label_size, cfg)
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    steps_per_epoch = len(data) // cfg.batch_size
-    optimizer, scheduler = build_optimizer(refiner, cfg, steps_per_epoch * cfg.epochs)
-    log = MetricsLog(out / "log.jsonl", enabled=main)
-    last, model_path = out / "last.safetensors", out / "affinitynet.safetensors"
-
+    side = (cfg.crop_size, cfg.crop_size) if cfg.crop_size is not None else tuple(data.load(0)[1].shape[:2])
+    dataset = AffinityDataset(data, refiner, refiner.feature_size(torch.zeros(1, 3, *side, device=device)), cfg)
     seed_everything(cfg.seed)
-    start = step = 0
-    if cfg.resume and last.exists():
-        state = load_training_state(last, model=refiner, optimizer=optimizer, scheduler=scheduler)
-        start, step = int(state["epoch"]), int(state["step"])
-        log.truncate_after(start)
-    elif main and log.path.exists():
-        log.path.unlink()
-    net: nn.Module = refiner
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(refiner, **({"device_ids": [device.index]}
-                                                               if device.type == "cuda" else {}))
+    optimizer, scheduler = build_optimizer(refiner, cfg, len(data) // cfg.batch_size * cfg.epochs)
+    run.start(refiner, optimizer, scheduler,
+              identity={"model": refiner.registry_name or "affinitynet", "model_config": checkpoint_config(refiner)})
+    net = run.wrap(refiner)
+    model_path = run.out / "affinitynet.safetensors"
 
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
+    def batches(epoch: int) -> DataLoader:
         net.train()
-        loader = make_loader(dataset, cfg, epoch, rank, world)
-        sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"affinitynet {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main),
-                   leave=False)
-        for images, labels in bar:
-            loss, parts = train_step(net, refiner, images.to(device), labels.to(device), world)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            total = loss.detach().double()
-            if world > 1:  # the global batch's loss (module docstring)
-                dist.all_reduce(total)
-                total /= world
-            parts["loss"] = float(total)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{parts['loss']:.4f}")
-        record = {"epoch": epoch + 1, "step": step, **{k: v / max(len(loader), 1) for k, v in sums.items()},
-                  "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
-        if main:
-            save_training_state(last, model=refiner, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
-                                step=step)
-            save(refiner, model_path)
-            log.write(**record)
-        if world > 1:
-            dist.barrier()
+        return make_loader(dataset, cfg, epoch, run.rank, run.world)
+
+    def step(batch) -> dict[str, Any]:
+        images, labels = (t.to(device) for t in batch)
+        loss, parts = train_step(net, refiner, images, labels, run.world)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # each process's loss is (processes x its share) of the global batch's: the skeleton's mean over
+        # every process's steps is the mean global-batch loss
+        return {"loss": loss.detach().double(), **parts}
+
+    history = run.fit(batches, step, export=lambda: save(refiner, model_path), scheduler_interval="step",
+                      warnings=random_frozen_warning(refiner))
     refiner.eval()
-    history = log.read() if main else []
-    return {"model": unwrap(net), "history": history, "checkpoint": last, "model_path": model_path}
+    return {"model": refiner, "history": history, "checkpoint": run.last, "model_path": model_path}

@@ -7,22 +7,23 @@ Defaults follow the issue: SGD, lr 0.1, momentum 0.9, weight decay 1e-4, step sc
 every 30 epochs); the paper gives no schedule. ``train_mode="full"`` trains every parameter
 instead (the GAP baseline trained from scratch in tests and the demo).
 
-Every epoch writes ``<out>/last.safetensors`` (model, optimizer, scheduler, RNG states; see
-:mod:`foveal.core.training`) and ``<out>/model.safetensors`` (the model as a foveal component,
-``foveal.load``-able); ``resume=True`` continues exactly where the last completed epoch ended
-(bit for bit on the CPU; on CUDA up to cuDNN's run-to-run noise, the GPU generators restored too).
-One JSON line per epoch goes to ``<out>/log.jsonl``. Under ``torchrun`` the model is wrapped in
-``DistributedDataParallel`` with a ``DistributedSampler``; rank 0 evaluates and writes files.
+The epochs run in the shared skeleton :class:`~foveal.core.training.TrainingRun`. Every epoch
+writes ``<out>/last.safetensors`` (model, optimizer, scheduler, RNG states) and
+``<out>/model.safetensors`` (the model as a foveal component, ``foveal.load``-able), both
+atomically; ``resume=True`` continues exactly where the last completed epoch ended (bit for bit
+on the CPU; on CUDA up to cuDNN's run-to-run noise, the GPU generators restored too), and an
+``out`` that already holds a run is refused unless ``resume=True`` or ``overwrite=True`` (start
+afresh). One JSON line per epoch goes to ``<out>/log.jsonl``. Under ``torchrun`` the model is
+wrapped in ``DistributedDataParallel`` with a ``DistributedSampler``; rank 0 evaluates and writes
+files.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -31,18 +32,9 @@ from tqdm.auto import tqdm
 
 from .. import registry
 from ..core.errors import InputError
-from ..core.training import (
-    MetricsLog,
-    init_distributed,
-    is_main_process,
-    load_training_state,
-    save_training_state,
-    seed_everything,
-    training_device,
-    unwrap,
-)
+from ..core.training import TrainingRun, seed_everything, unwrap
 from ..data.classification import ImageFolderDataset, split_folder
-from ..registry.checkpoints import load, save
+from ..registry.checkpoints import checkpoint_config, load, save
 
 
 class ClassifierTrainConfig(BaseModel):
@@ -77,7 +69,8 @@ class ClassifierTrainConfig(BaseModel):
     workers: int = Field(4, ge=0, description="DataLoader worker processes.")
     seed: int = Field(0, description="Seed of initialisation, shuffling and augmentation.")
     device: str | None = Field(None, description="Device; None = cuda when available, else cpu.")
-    resume: bool = Field(False, description="Continue from <out>/last.safetensors if it exists.")
+    resume: bool = Field(False, description="Continue the run in <out> (from <out>/last.safetensors) if there is one.")
+    overwrite: bool = Field(False, description="Delete the run in <out> (checkpoints, log.jsonl) and start afresh.")
     progress: bool = Field(True, description="Show tqdm progress bars.")
 
 
@@ -147,12 +140,9 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, **overr
     values = config.model_dump() if isinstance(config, ClassifierTrainConfig) else dict(config or {})
     cfg = ClassifierTrainConfig(**{**values, **overrides})
     mode = cfg.train_mode or ("stream" if cfg.pooling == "ca-stream" else "full")
-    rank, world = init_distributed(device=cfg.device)
-    device = training_device(cfg.device)
-    out = Path(cfg.out)
-    main = is_main_process()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    run = TrainingRun(cfg.out, epochs=cfg.epochs, resume=cfg.resume, overwrite=cfg.overwrite, device=cfg.device,
+                      log_name="log.jsonl", outputs=("model.safetensors",), progress=cfg.progress)
+    device = run.device
 
     seed_everything(cfg.seed)
     train_set = ImageFolderDataset(split_folder(cfg.data, "train"), train=True, image_size=cfg.image_size,
@@ -166,68 +156,40 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, **overr
     params = freeze_for_stream(model) if mode == "stream" else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    log = MetricsLog(out / "log.jsonl", enabled=main)
-    last, model_path = out / "last.safetensors", out / "model.safetensors"
-
-    start, step = 0, 0
-    if cfg.resume and last.exists():
-        state = load_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler)
-        start, step = int(state["epoch"]), int(state["step"])
-        log.truncate_after(start)
-    elif main and log.path.exists():
-        log.path.unlink()  # a fresh run starts a fresh log
-
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=mode == "full",
-        )
+    run.start(model, optimizer, scheduler,
+                identity={"model": model.registry_name, "model_config": checkpoint_config(model)})
+    net = run.wrap(model, broadcast_buffers=mode == "full")
+    sampler = (DistributedSampler(train_set, num_replicas=run.world, rank=run.rank, shuffle=True, seed=cfg.seed)
+               if run.world > 1 else None)
     val_loader = (DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
                   if val_set is not None else None)
+    model_path = run.out / "model.safetensors"
 
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        gen = torch.Generator().manual_seed(cfg.seed + epoch)
-        if world > 1:
-            sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-            sampler.set_epoch(epoch)
-            loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                                generator=gen, drop_last=False)
-        else:
-            loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                                generator=gen, drop_last=False)
+    def batches(epoch: int) -> DataLoader:
         set_train_mode(net, mode)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main))
-        for images, targets in bar:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            logits = net(images)
-            loss = F.cross_entropy(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            with torch.no_grad():
-                sums += torch.stack([loss.detach().double() * len(targets),
-                                     (logits.argmax(1) == targets).sum().double(),
-                                     torch.tensor(float(len(targets)), dtype=torch.float64, device=device)])
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        scheduler.step()
-        if world > 1:
-            dist.all_reduce(sums)
-        record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                  "train_loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2])}
-        if main:
-            if val_loader is not None:
-                metrics = evaluate_classifier(model, val_loader, device)
-                record.update(val_loss=metrics["loss"], val_acc=metrics["acc"])
-            record["seconds"] = round(time.time() - t0, 3)
-            log.write(**record)
-            save_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
-                                step=step, extra={"config": cfg.model_dump_json()})
-            save(model, model_path)
-        if world > 1:
-            dist.barrier()
+        gen = torch.Generator().manual_seed(cfg.seed + epoch)
+        return DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, shuffle=sampler is None,
+                          num_workers=cfg.workers, generator=gen, drop_last=False)
+
+    def step(batch) -> dict[str, Any]:
+        images, targets = (t.to(device, non_blocking=True) for t in batch)
+        logits = net(images)
+        loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach().double() * len(targets), "correct": (logits.argmax(1) == targets).sum(),
+                "count": len(targets)}
+
+    def summarize(sums: dict[str, float]) -> dict[str, Any]:
+        return {"step": run.step, "train_loss": sums["loss"] / sums["count"],
+                "train_acc": sums["correct"] / sums["count"]}
+
+    def evaluate() -> dict[str, float]:
+        metrics = evaluate_classifier(model, val_loader, device)
+        return {"val_loss": metrics["loss"], "val_acc": metrics["acc"]}
+
+    history = run.fit(batches, step, summarize=summarize, evaluate=evaluate if val_loader is not None else None,
+                      export=lambda: save(model, model_path))
     model.eval()
-    return {"model": model, "history": log.read() if main else [], "checkpoint": last, "model_path": model_path}
+    return {"model": model, "history": history, "checkpoint": run.last, "model_path": model_path}

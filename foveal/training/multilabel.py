@@ -13,43 +13,32 @@ segmentation (vit-lrp-affinitynet.txt sections 5.3-5.4; psa ``train_cls.py``).
   steps, no momentum (psa's ``PolyOptimizer``), ``ColorJitter(0.3, 0.3, 0.3, 0.1)``, ``drop_last``.
   ``optimizer="adamw"`` / ``schedule="cosine"`` is the built-in synthetic set's recipe.
 
-Every epoch writes ``<out>/last.safetensors`` (resumable training state) and one line of
-``<out>/log.jsonl``; the end writes ``<out>/classifier.safetensors`` (:func:`save_classifier`: the
-weights with the timm architecture, classes, input size and normalisation in its metadata, read
-back by :func:`load_classifier`). Under ``torchrun`` the model is wrapped in DDP and each process
-takes its share of the same global batches; augmentations are drawn per (seed, epoch, index).
+The epochs run in the shared skeleton :class:`~foveal.core.training.TrainingRun`: every epoch
+writes ``<out>/last.safetensors`` (resumable training state), one line of ``<out>/log.jsonl`` and
+``<out>/classifier.safetensors`` (:func:`save_classifier`: the weights with the timm architecture,
+classes, input size and normalisation in its metadata, read back by :func:`load_classifier`).
+Under ``torchrun`` the model is wrapped in DDP and each process takes its share of the same global
+batches; augmentations are drawn per (seed, epoch, index).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
 
 from ..core.checkpoint import atomic_save_file, read_checkpoint, read_state_dict
 from ..core.errors import CheckpointError, InputError
-from ..core.training import (
-    MetricsLog,
-    init_distributed,
-    is_main_process,
-    load_training_state,
-    save_training_state,
-    seed_everything,
-    training_device,
-    unwrap,
-)
+from ..core.training import TrainingRun, seed_everything, unwrap
 from ..data.images import to_tensor
 from .augment import PSA_JITTER, color_jitter, fit_batch
 
@@ -81,6 +70,7 @@ class MultiLabelTrainConfig(BaseModel):
     seed: int = Field(0, description="Seed of the initialisation, shuffling and augmentation.")
     device: str | None = Field(None, description="Device; None = cuda:LOCAL_RANK when available, else cpu.")
     resume: bool = Field(False, description="Continue from <out>/last.safetensors if it exists.")
+    overwrite: bool = Field(False, description="Delete the run in <out> (checkpoints, log.jsonl) and start afresh.")
     progress: bool = Field(True, description="Show progress bars (main process).")
 
 
@@ -214,15 +204,14 @@ def train_multilabel(images: LabelledImages, config: MultiLabelTrainConfig | dic
     """Fine-tune a ViT on ``images`` (module docstring). Returns ``{"model", "info", "history", "path"}``."""
     values = config.model_dump() if isinstance(config, MultiLabelTrainConfig) else dict(config or {})
     cfg = MultiLabelTrainConfig(**{**values, **overrides})
-    rank, world = init_distributed(device=cfg.device)
-    main = is_main_process()
-    if cfg.batch_size % world:
-        raise InputError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    run = TrainingRun(cfg.out, epochs=cfg.epochs, resume=cfg.resume, overwrite=cfg.overwrite, device=cfg.device,
+                      log_name="log.jsonl", outputs=("classifier.safetensors",), progress=cfg.progress,
+                      desc="classifier")
+    if cfg.batch_size % run.world:
+        raise InputError(f"batch_size {cfg.batch_size} must be divisible by the {run.world} processes")
     if len(images) < cfg.batch_size:
-        cfg = cfg.model_copy(update={"batch_size": fit_batch(images, cfg.batch_size, world, "train_multilabel")})
-    device = training_device(cfg.device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+        cfg = cfg.model_copy(update={"batch_size": fit_batch(images, cfg.batch_size, run.world, "train_multilabel")})
+    device = run.device
     seed_everything(cfg.seed)
     classes = list(images.classes)
     model = build_vit(cfg.vit, len(classes), cfg.image_size, cfg.vit_kwargs, cfg.weights).to(device)
@@ -240,52 +229,27 @@ def train_multilabel(images: LabelledImages, config: MultiLabelTrainConfig | dic
         scheduler: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, steps - 1) / steps) ** 0.9)
     else:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    log = MetricsLog(out / "log.jsonl", enabled=main)
-    last, path = out / "last.safetensors", out / "classifier.safetensors"
-    start = 0
-    if cfg.resume and last.exists():
-        start = int(load_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler)["epoch"])
-        log.truncate_after(start)
-    elif main and log.path.exists():
-        log.path.unlink()
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, **({"device_ids": [device.index]}
-                                                             if device.type == "cuda" else {}))
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
+    run.start(model, optimizer, scheduler, identity={"model": cfg.vit, "model_config": {
+        k: info[k] for k in ("vit_kwargs", "classes", "image_size", "mean", "std")}})
+    net = run.wrap(model)
+    path = run.out / "classifier.safetensors"
+
+    def batches(epoch: int) -> DataLoader:
         net.train()
         dataset.set_epoch(epoch)
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+        sampler = DistributedSampler(dataset, num_replicas=run.world, rank=run.rank, shuffle=True, seed=cfg.seed,
                                      drop_last=True)
-        sampler.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
-                            num_workers=cfg.workers)
-        total, n = torch.zeros((), dtype=torch.float64), 0
-        bar = tqdm(loader, desc=f"classifier {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main),
-                   leave=False)
-        for x, y in bar:
-            loss = F.binary_cross_entropy_with_logits(net(x.to(device)), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach())
-            n += 1
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        if world > 1:
-            dist.all_reduce(total)
-            total /= world
-        record = {"epoch": epoch + 1, "loss": float(total) / max(n, 1), "lr": optimizer.param_groups[0]["lr"],
-                  "seconds": time.time() - t0}
-        if main:
-            save_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1)
-            log.write(**record)
-        if world > 1:
-            dist.barrier()
-    if main:
-        save_classifier(model, path, info)
-    if world > 1:
-        dist.barrier()
+        return DataLoader(dataset, batch_size=cfg.batch_size // run.world, sampler=sampler, drop_last=True,
+                          num_workers=cfg.workers)
+
+    def step(batch) -> dict[str, Any]:
+        x, y = (t.to(device) for t in batch)
+        loss = F.binary_cross_entropy_with_logits(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach().double()}
+
+    history = run.fit(batches, step, export=lambda: save_classifier(model, path, info), scheduler_interval="step")
     model.eval()
-    return {"model": model, "info": info, "history": log.read() if main else [], "path": path}
+    return {"model": model, "info": info, "history": history, "path": path}

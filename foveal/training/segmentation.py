@@ -13,7 +13,14 @@ Reference choices, kept on purpose:
   Polyp-PVT ``clip_gradient``, 0.5); ``clip_mode="norm"`` clips the global norm instead;
 * the learning rate is multiplied by 0.1 every ``lr_decay_epochs`` (Polyp-PVT: 200, so constant
   over 100 epochs), stepped per epoch;
-* ``batch_size`` is the global batch: with torchrun each of W processes takes batch_size / W.
+* ``batch_size`` is the global batch: with torchrun each of W processes takes batch_size / W;
+* masks are read as the reference ``utils/dataloader.py`` reads them (:class:`PolypDataset`):
+  for training the grey mask resized with PIL's bilinear filter and kept soft in [0, 1]; for
+  evaluation the ground truth at its own size, binarised with ``> 128`` as the evaluation
+  toolbox does;
+* the encoder is ImageNet-pretrained in the paper ("a pre-trained PVTv2", sec. II.B): training
+  without ``backbone_weights`` warns once (:func:`pretraining_warnings`) and records the warning
+  in the first record of ``metrics.jsonl``.
 
 Exact resume: each epoch's shuffling and flips come from generators seeded with
 ``(seed, epoch, rank)``, and ``<out>/last.safetensors`` (written atomically at the end of every
@@ -27,13 +34,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -41,21 +46,13 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from .. import registry
-from ..core.checkpoint import load_state, load_weights
+from ..core.checkpoint import check_config_fields, load_state, load_weights
 from ..core.errors import CheckpointError, InputError
-from ..core.training import (
-    MetricsLog,
-    init_distributed,
-    is_main_process,
-    load_training_state,
-    save_training_state,
-    seed_everything,
-    training_device,
-)
+from ..core.training import TrainingRun, seed_everything
 from ..data.images import list_images, read_rgb, to_tensor
 from ..data.polyp import PolypDataset, find_test_sets, train_folder
 from ..metrics.segmentation import dice_iou, summarize_curves, threshold_curves
-from ..registry.checkpoints import load, save
+from ..registry.checkpoints import checkpoint_config, load, save
 
 # --- loss --------------------------------------------------------------------------------------
 
@@ -118,7 +115,8 @@ class TrainConfig(BaseModel):
     legacy_loss: bool = Field(False, description="Reference structure loss with unweighted BCE.")
     seed: int = Field(0, description="Seed of initialisation, shuffling and flips.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    resume: bool = Field(False, description="Continue from <out>/last.safetensors if it exists.")
+    resume: bool = Field(False, description="Continue the run in <out> (from <out>/last.safetensors) if there is one.")
+    overwrite: bool = Field(False, description="Delete the run in <out> (checkpoints, metrics.jsonl) and start afresh.")
     device: str | None = Field(None, description="Device (default: cuda:LOCAL_RANK if available, else cpu).")
     progress: bool = Field(True, description="Show progress bars (main process only).")
 
@@ -164,20 +162,22 @@ def _build_optimizer(model: nn.Module, cfg: TrainConfig):
 def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """Train a segmentation model on a polyp dataset; returns ``{"model", "history", "out"}``.
 
+    The epochs run in the shared skeleton :class:`~foveal.core.training.TrainingRun`: an ``out``
+    that already holds a run needs ``resume=True`` (continue) or ``overwrite=True`` (start
+    afresh); ``<out>/last.safetensors`` and ``<out>/model.safetensors`` are rewritten atomically
+    after every epoch, one JSON record per epoch goes to ``<out>/metrics.jsonl``.
+
     Run under ``torchrun --nproc_per_node N`` for distributed data parallel training (gloo on
     CPU, nccl on GPU); only rank 0 writes files. Replicas stay identical: gradients are averaged
     by DDP, and BatchNorm running statistics are broadcast from rank 0 at the end of every epoch.
     """
     values = config.model_dump() if isinstance(config, TrainConfig) else dict(config or {})
     cfg = TrainConfig(**{**values, **overrides})
-    rank, world = init_distributed(device=cfg.device)
-    main = is_main_process()
-    device = training_device(cfg.device)
-    if cfg.batch_size % world:
-        raise InputError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    out = Path(cfg.out)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    run = TrainingRun(cfg.out, epochs=cfg.epochs, resume=cfg.resume, overwrite=cfg.overwrite, device=cfg.device,
+                      outputs=("model.safetensors", "eval.json"), progress=cfg.progress)
+    if cfg.batch_size % run.world:
+        raise InputError(f"batch_size {cfg.batch_size} must be divisible by the {run.world} processes")
+    device = run.device
 
     seed_everything(cfg.seed)
     model = registry.build(cfg.model, **cfg.model_options)
@@ -185,80 +185,66 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     model.to(device)
     dataset = PolypDataset(train_folder(cfg.data), size=cfg.size)
     optimizer, scheduler = _build_optimizer(model, cfg)
-    log = MetricsLog(out / "metrics.jsonl", enabled=main)
-    last = out / "last.safetensors"
-    start = 0
-    if cfg.resume and last.exists():
-        state = load_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler)
-        start = int(state["epoch"])
-        log.truncate_after(start)
-        if main:
-            print(f"resumed from {last} after epoch {start}")
-    if world > 1:
-        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        net: nn.Module = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
-    else:
-        net = model
+    run.start(model, optimizer, scheduler,
+                identity={"model": model.registry_name, "model_config": checkpoint_config(model)})
+    net = run.wrap(model)
     sizes = [scale_size(cfg.size, r) for r in cfg.scales]
-    history = log.read() if main else []
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
+    sampler = (DistributedSampler(dataset, num_replicas=run.world, rank=run.rank, shuffle=True, seed=cfg.seed)
+               if run.world > 1 else None)
+    flip_gen = torch.Generator()
+
+    def batches(epoch: int) -> DataLoader:
         net.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        if world > 1:
-            sampler: Any = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(dataset, generator=gen)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size // world, sampler=sampler,
-                            num_workers=cfg.num_workers, generator=gen)
-        flip_gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + rank)
-        total, steps = torch.zeros((), dtype=torch.float64), 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main), leave=False)
-        for images, masks, _ in bar:
-            images, masks = images.to(device), masks.to(device)
-            if cfg.augment:
-                images, masks = _flip(images, masks, flip_gen)
-            for s in sizes:
-                x, y = images, masks
-                if s != images.shape[-1] or s != images.shape[-2]:
-                    x = F.interpolate(images, size=(s, s), mode="bilinear", align_corners=True)
-                    y = F.interpolate(masks, size=(s, s), mode="bilinear", align_corners=True)
-                loss = structure_loss(net(x), y, legacy=cfg.legacy_loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                _clip(net, cfg)
-                optimizer.step()
-                total += loss.detach().double().cpu()
-                steps += 1
-            bar.set_postfix(loss=f"{float(total) / max(steps, 1):.4f}")
-        scheduler.step()
-        mean_loss = total / max(steps, 1)
-        if world > 1:
-            _sync_buffers(model)
-            reduced = mean_loss.to(device).float()
-            dist.all_reduce(reduced)
-            mean_loss = reduced.cpu().double() / world
-        record = {"epoch": epoch + 1, "loss": float(mean_loss), "lr": optimizer.param_groups[0]["lr"],
-                  "steps": steps, "seconds": round(time.time() - t0, 3)}
-        if main:
-            save_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
-                                extra={"model": cfg.model, "model_config": model.config.model_dump(mode="json")})
-            log.write(**record)
-            history.append(record)
-            if cfg.progress:
-                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} ({record['seconds']:.1f} s)")
-        if world > 1:
-            dist.barrier()
-    if main:
-        save(model, out / "model.safetensors")
-    return {"model": model, "history": history, "out": out}
+        flip_gen.manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + run.rank)
+        return DataLoader(dataset, batch_size=cfg.batch_size // run.world,
+                          sampler=sampler or RandomSampler(dataset, generator=gen),
+                          num_workers=cfg.num_workers, generator=gen)
+
+    def step(batch) -> dict[str, Any]:
+        images, masks, _ = batch
+        images, masks = images.to(device), masks.to(device)
+        if cfg.augment:
+            images, masks = _flip(images, masks, flip_gen)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for s in sizes:  # one optimiser step per scale (Polyp-PVT)
+            x, y = images, masks
+            if s != images.shape[-1] or s != images.shape[-2]:
+                x = F.interpolate(images, size=(s, s), mode="bilinear", align_corners=True)
+                y = F.interpolate(masks, size=(s, s), mode="bilinear", align_corners=True)
+            loss = structure_loss(net(x), y, legacy=cfg.legacy_loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _clip(net, cfg)
+            optimizer.step()
+            total += loss.detach().double()
+        return {"loss": total, "steps": len(sizes)}
+
+    def summarize(sums: dict[str, float]) -> dict[str, Any]:
+        # mean loss over every optimiser step; "steps" counts one process's steps
+        return {"loss": sums["loss"] / max(sums["steps"], 1), "steps": int(sums["steps"]) // run.world}
+
+    history = run.fit(batches, step, summarize=summarize, export=lambda: save(model, run.out / "model.safetensors"),
+                      warnings=pretraining_warnings(model))
+    return {"model": model, "history": history, "out": run.out}
 
 
-def _sync_buffers(model: nn.Module) -> None:
-    """Broadcast rank 0's buffers (BatchNorm running statistics) to every process."""
-    for buf in model.buffers():
-        dist.broadcast(buf, src=0)
+def pretraining_warnings(model: nn.Module) -> list[str]:
+    """The warning :func:`train` issues (once, and in the first record of ``metrics.jsonl``) when
+    the encoder starts from random weights: RTA-Former uses "a pre-trained PVTv2" (rta-former.txt
+    sec. II.B), the ImageNet-1k PVTv2 weights that Polyp-PVT, whose protocol sec. III.C follows,
+    loads. Any model whose config has ``backbone_weights`` is checked; others get no warning."""
+    config = getattr(model, "config", None)
+    if config is None or "backbone_weights" not in type(config).model_fields:
+        return []
+    if config.backbone_weights or (getattr(config, "backbone_options", None) or {}).get("weights"):
+        return []
+    backbone = getattr(config, "backbone", "")
+    weights = backbone.replace("-", "_") + ".pth" if backbone.startswith("pvt-v2-") else "WEIGHTS"
+    name = getattr(model, "registry_name", None) or type(model).__name__
+    return [f"{name}: the encoder ({backbone or 'backbone'}) starts from random weights, while the paper "
+            "(rta-former.txt sec. II.B, III.C) trains from an ImageNet-pretrained PVTv2; pass --backbone-weights "
+            f"{weights} (backbone_weights=...) with the official PVTv2 weights to compare with its results"]
 
 
 # --- loading, evaluation, prediction -----------------------------------------------------------
@@ -277,7 +263,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         extra = state.get("extra") or {}
         if "model" not in extra:
             raise CheckpointError(f"{path}: training state without the model name; cannot rebuild the model") from None
-        model = registry.build(extra["model"], **extra.get("model_config", {}))
+        cls = registry.entry(extra["model"]).cls
+        config = extra.get("model_config", {})
+        check_config_fields(cls.Config, config, component=extra["model"], source=path)
+        # initial weight files do not matter (the state's tensors replace them) and may be gone
+        config = {k: v for k, v in config.items() if k not in cls.checkpoint_exclude}
+        model = registry.build(extra["model"], **config)
         load_weights(model, state["model"], source=str(path))
         return model.to(device)
 
