@@ -373,7 +373,9 @@ def test_classifier_training_resumes_exactly(tmp_path):
             train_multilabel(_Images(), out=str(tmp_path / "b"), **opts)
     finally:
         ml.F.binary_cross_entropy_with_logits = real
-    assert not (tmp_path / "b" / "classifier.safetensors").exists()
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == 1  # the first epoch completed
+    with pytest.raises(InputError, match="already holds a training run"):  # no silent restart into a run
+        train_multilabel(_Images(), out=str(tmp_path / "b"), **opts)
     resumed = train_multilabel(_Images(), out=str(tmp_path / "b"), resume=True, **opts)
     a, b = full["model"].state_dict(), resumed["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
