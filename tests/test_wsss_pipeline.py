@@ -221,6 +221,15 @@ def test_voc_resumes_after_interruptions(voc, voc_run, tmp_path, monkeypatch, ca
     assert "already holds a WSSS run" in capsys.readouterr().err
     assert main(voc_args(root, out, "--resume", "--aff-epochs", "3")) == 1  # so is a resume with other settings
     assert "aff_epochs (saved 2, now 3)" in capsys.readouterr().err
+    keep = out / "notes.txt"
+    keep.write_text("not the run's")
+    assert main(voc_args(root, out, "--overwrite", "--stop-after", "classifier")) == 0  # deletes the run's files
+    assert not (out / "seeds").exists() and keep.read_text() == "not the run's"
+    keep.unlink()
+    calls["write"] = 0
+    monkeypatch.setattr(SeedStore, "write", crashing_write)
+    assert main(voc_args(root, out, "--resume")) == 130  # killed again after three seed files
+    monkeypatch.setattr(SeedStore, "write", write)
 
     def counting_explain(*args, **kwargs):
         calls["explained"] += 1

@@ -20,6 +20,7 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (finished images and epochs skip)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in OUT (its files only) and start afresh")
     p.add_argument("--stop-after", choices=("classifier", "seeds", "affinity", "walk"), default=None,
                    help="stop after this stage")
     p.add_argument("--preset", choices=("synthetic", "voc"), default=None,
@@ -78,7 +79,8 @@ def add_commands(sub) -> None:
 
 def config_from_args(args) -> dict:
     """The :class:`~foveal.pipelines.wsss.WSSSConfig` values an argument namespace sets."""
-    values = dict(out=args.out, resume=args.resume, stop_after=args.stop_after, preset=args.preset,
+    values = dict(out=args.out, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
+                  preset=args.preset,
                   dataset=args.dataset, data_root=args.data_root, split=args.split, eval_split=args.eval_split,
                   masks=None if args.masks == "none" else args.masks, cls_labels=args.cls_labels,
                   classifier=args.classifier, weights=args.weights, explainer=args.explainer,

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -102,7 +103,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 #: Fields that do not change any result (a resumed run may change them).
-RUN_ONLY = ("out", "resume", "stop_after", "progress", "device", "workers", "examples")
+RUN_ONLY = ("out", "resume", "overwrite", "stop_after", "progress", "device", "workers", "examples")
+#: What a run writes into ``out`` (``overwrite`` deletes these and nothing else).
+RUN_FILES = ("config.json", "timing.jsonl", "result.json", "report.html", "examples.png")
+RUN_FOLDERS = ("classifier", "seeds", "affinitynet", "masks")
 
 
 class WSSSConfig(BaseModel):
@@ -113,6 +117,7 @@ class WSSSConfig(BaseModel):
 
     out: str | None = Field(None, description="Output folder; None = a temporary folder (kept while the result lives).")
     resume: bool = Field(False, description="Continue the run in out (skip finished images and epochs).")
+    overwrite: bool = Field(False, description="Delete the run in out (its files and folders only) and start afresh.")
     stop_after: Literal["classifier", "seeds", "affinity", "walk"] | None = Field(
         None, description="Stop after this stage (e.g. seeds only).")
     preset: Literal["synthetic", "voc"] | None = Field(None, description="None: synthetic without a dataset, else voc.")
@@ -186,6 +191,9 @@ class WSSSConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in out, overwrite "
+                             "deletes it")
         if self.dataset is not None and self.data_root is None:
             raise ValueError(f"dataset={self.dataset!r} needs data_root (the dataset's folder)")
         if self.dataset is None and self.data_root is not None:
@@ -658,10 +666,18 @@ def _check_out(cfg: WSSSConfig, out: Path, main: bool, world: int) -> None:
     mine = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_ONLY}
     exists = path.exists()
     _barrier(world)  # every process looks before rank 0 writes
+    if exists and cfg.overwrite:
+        if main:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            for name in RUN_FOLDERS:
+                shutil.rmtree(out / name, ignore_errors=True)
+        exists = False
+        _barrier(world)
     if exists:
         if not cfg.resume:
-            raise InputError(f"{out} already holds a WSSS run ({path}); pass resume=True (--resume) to continue it, "
-                             "or choose another output folder")
+            raise InputError(f"{out} already holds a WSSS run ({path}): pass resume=True (--resume) to continue it, "
+                             "overwrite=True (--overwrite) to delete it and start afresh, or choose another folder")
         saved = {k: v for k, v in json.loads(path.read_text()).items() if k not in RUN_ONLY}
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
