@@ -149,8 +149,8 @@ def bench_walk(args, root: Path, work: Path) -> list[str]:
 
 
 def _memory_child(args_json: str, root: str, n: int, queue) -> None:
-    torch.set_num_threads(1)
     args = argparse.Namespace(**json.loads(args_json))
+    torch.set_num_threads(args.threads)
     from foveal.pipelines import wsss
     from foveal.refine.store import SeedStore
 
@@ -204,8 +204,11 @@ def main() -> None:
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="cpu: this process's CPU time (steadier on a shared machine)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("seeds", "walk", "memory"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: a shared 2-core machine oversubscribed by 2 threads runs 10x slower)")
     parser.add_argument("--quick", action="store_true", help="2 images per timing, memory at 10 and 40 images")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.seed_images, args.walk_images, args.memory_small, args.memory_large, args.repeats = 2, 1, 10, 40, 1
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
