@@ -499,3 +499,26 @@ def test_presets_and_bad_dataset_settings(tmp_path):
     with pytest.raises(InputError, match="no image-level 'labels'"):
         run_wsss(out=str(tmp_path / "out"), dataset="folder", data_root=str(tmp_path / "folder" / "n01440764"),
                  progress=False)
+
+
+def test_voc_labels_from_cls_labels_without_masks(voc, voc_run, tmp_path):
+    """psa's cls_labels.npy as the only labels, no ground truth read (masks none): the val images get
+    seeds and pseudo-masks, the mIoU is not computed and the report says so."""
+    from foveal.data.voc import read_id_list
+
+    root, truth = voc
+    out = tmp_path / "nomasks"
+    args = voc_args(root, out, "--classifier", str(voc_run / "classifier" / "classifier.safetensors"),
+                    "--masks", "none", "--cls-labels", str(root / "cls_labels.npy"), "--eval-split", "val",
+                    "--aff-epochs", "1")
+    assert main(args) == 0
+    val = read_id_list(root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt")
+    assert sorted(p.stem for p in (out / "masks" / "refined").glob("*.png")) == sorted(val)
+    result = json.loads((out / "result.json").read_text())
+    assert all(np.isnan(v) for v in result["miou"].values())
+    assert any("no ground-truth masks" in n for n in result["notes"])
+    from foveal.refine.store import SeedStore
+
+    labels = np.load(root / "cls_labels.npy", allow_pickle=True).item()
+    for i in val:  # the seeds follow the cls_labels table
+        assert SeedStore(out / "seeds").read(i).classes.tolist() == np.nonzero(labels[i])[0].tolist()

@@ -383,9 +383,9 @@ def dataset_set(cfg: WSSSConfig, split: str | None) -> ImageSet:
         rgb = (item["image"].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         return rgb, item["labels"].float(), item.get("mask")
 
-    if not classes:
-        classes = [f"class_{k}" for k in range(len(load(0)[1]))]
-    has_masks = kind != "voc" or cfg.masks is not None
+    first = load(0)
+    classes = classes or [f"class_{k}" for k in range(len(first[1]))]
+    has_masks = cfg.masks is not None and first[2] is not None  # masks=None: no evaluation
     return ImageSet(ids, classes, load, f"{cfg.dataset} {split}", has_masks)
 
 
@@ -581,13 +581,12 @@ def eval_stage(images: ImageSet, store: SeedStore, masks: Path, crf: bool, progr
     confusions = {v: PooledConfusion(k) for v in walk_variants(crf)}
     correct = total = 0
     for i in tqdm(range(len(images)), desc="evaluation", disable=not progress):
-        id, _, labels = images.load(i)
+        id, (_, labels, target) = images.ids[i], images.item(i)
         rec = store.read(id)
         correct += int(((rec.logits > 0).float() == labels).sum())
         total += labels.numel()
         if not images.has_masks:
             continue
-        target = images.mask(i)
         if target is None:
             raise InputError(f"{images.name}: item {id!r} has no ground-truth mask to evaluate against")
         for v, cm in confusions.items():
@@ -613,9 +612,8 @@ def example_figure(images: ImageSet, store: SeedStore, masks: Path, n: int, crf:
     """Rows of image | ground truth | seed map | seed mask | refined pseudo-mask [| refined + CRF]."""
     rows, cols = [], ["image", "truth", "seed map", "seed mask", "refined"] + (["refined+CRF"] if crf else [])
     for i in range(min(n, len(images))):
-        id, rgb, _ = images.load(i)
+        id, (rgb, _, truth) = images.ids[i], images.item(i)
         rec = store.read(id)
-        truth = images.mask(i) if images.has_masks else None
         seed_map = rec.seeds.amax(0).numpy() if len(rec.classes) else np.zeros(rgb.shape[:2], np.float32)
         row = [rgb, palette_overlay(rgb, truth.numpy().astype(np.uint8)) if truth is not None else rgb,
                heatmap_overlay(rgb, seed_map)]
