@@ -173,9 +173,10 @@ def test_crf_missing_message(monkeypatch):
         net.label_map(torch.randn(1, 3, 32, 32), torch.rand(1, 2, 32, 32))
 
 
-def test_crf_path_wiring(monkeypatch):
-    """A stand-in for pydensecrf whose inference returns its input scores (clipped at 1e-5): the
-    CRF path then gives the CRF-free labels, and receives the image and the psa parameters."""
+@pytest.fixture
+def fake_crf(monkeypatch):
+    """A stand-in for pydensecrf whose inference returns its input scores (clipped at 1e-5); records
+    the pairwise terms it is given."""
     calls = []
 
     class DenseCRF2D:
@@ -201,13 +202,39 @@ def test_crf_path_wiring(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydensecrf", pkg)
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", densecrf)
     monkeypatch.setitem(sys.modules, "pydensecrf.utils", utils)
+    return calls
+
+
+def test_crf_path_wiring(fake_crf):
+    """With the stand-in the CRF path gives the CRF-free labels, and receives the image and the psa
+    parameters."""
     torch.manual_seed(0)
     x, seeds = torch.randn(2, 3, 32, 32), torch.rand(2, 2, 32, 32) ** 4
     plain = registry.build("affinitynet", **SMALL).label_map(x, seeds)
     crf = registry.build("affinitynet", crf=True, **SMALL).label_map(x, seeds)
-    assert ("gaussian", {"sxy": 3, "compat": 3}) in calls
-    assert ("bilateral", {"sxy": 80, "srgb": 13, "compat": 10}, (32, 32, 3)) in calls
+    assert ("gaussian", {"sxy": 3, "compat": 3}) in fake_crf
+    assert ("bilateral", {"sxy": 80, "srgb": 13, "compat": 10}, (32, 32, 3)) in fake_crf
     assert (crf == plain).float().mean() > 0.98  # only the clipping at 1e-5 may move a label
+
+
+def test_crf_label_scores_are_cached_once_per_image(fake_crf, tmp_path):
+    """psa precomputes its CRF label files; the trainer's dataset computes each image's CRF scores once,
+    stores them (float16) and every later epoch (or resumed run) reads exactly those."""
+    from foveal.training.affinity import AffinityDataset, AffinityTrainConfig, TensorSeedSource
+
+    net = registry.build("affinitynet", crf=True, freeze_bn=False, freeze_levels=0, **SMALL)
+    x, seeds = torch.randn(2, 3, 32, 32), torch.rand(2, 2, 32, 32) ** 2
+    source = TensorSeedSource(x, seeds, net.config.mean, net.config.std)
+    cfg = AffinityTrainConfig(out=str(tmp_path), color_jitter=None, flip=False)
+    ds = AffinityDataset(source, net, net.feature_size(x[:1]), cfg)
+    first = ds[1]
+    computed = len(fake_crf)
+    assert computed == 4 and sorted(p.name for p in (tmp_path / "crf_scores").iterdir()) == ["1.npz"]
+    ds.set_epoch(3)
+    again = ds[1]
+    assert len(fake_crf) == computed and torch.equal(first[1], again[1])  # read back, not recomputed
+    with np.load(tmp_path / "crf_scores" / "1.npz") as f:
+        assert f["low"].dtype == np.float16 and f["low"].shape == (3, 32, 32)
 
 
 @pytest.mark.filterwarnings("ignore:affinitynet")
