@@ -8,7 +8,8 @@ image, and memory staying flat as the dataset grows.
 2. **Random walk** per VOC-size image: AffinityNet's forward, then the walk with the ``psa`` preset
    (beta 8, t 256) and the ``paper`` preset (beta 16, t 8), ``sparse`` vs psa's dense ``squaring``
    (the baseline), on the feature grid of a stride-8 backbone (63 x 47 for 500 x 375).
-3. **Memory**: peak resident memory (``ru_maxrss``) of a fresh process running the seeds, walk and
+3. **Memory**: peak resident memory (``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` would keep the
+   parent's peak across fork and exec) of a fresh process running the seeds, walk and
    evaluation stages over N and 4N images (default 50 and 200; ResNet-18 AffinityNet, same grid); the
    ratio should stay near 1 since no stage holds per-image arrays beyond the image at hand. For scale,
    the in-memory seeds tensor of the former pipeline (N, 20, H, W) float32 is printed beside it.
@@ -148,6 +149,18 @@ def bench_walk(args, root: Path, work: Path) -> list[str]:
     return rows
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory: ``VmHWM`` (Linux; not inherited from the parent), else
+    ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _memory_child(args_json: str, root: str, n: int, queue) -> None:
     args = argparse.Namespace(**json.loads(args_json))
     torch.set_num_threads(args.threads)
@@ -168,7 +181,7 @@ def _memory_child(args_json: str, root: str, n: int, queue) -> None:
     refiner = wsss.build_refiner(cfg)
     wsss.walk_stage(cfg, refiner, images, store, masks, False, 0, 1, device)
     wsss.eval_stage(images, store, masks, False, False)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t0))
+    queue.put((peak_rss_mib(), time.perf_counter() - t0))
 
 
 def bench_memory(args, root: Path) -> list[str]:
