@@ -223,7 +223,7 @@ def test_smoothgrad_cam_pp_equals_averaged_eq19(resnet, images):
     a, _, _ = act_and_grad64(resnet, resnet.layer3, images, targets)
     d1 = d2 = d3 = 0
     for _ in range(3):
-        noisy = images + 0.2 * span * torch.randn(images.shape, generator=gen)
+        noisy = images + 0.2 * span * torch.randn(images.shape[1:], generator=gen)  # same noise per image
         _, g, _ = act_and_grad64(resnet, resnet.layer3, noisy, targets)
         d1, d2, d3 = d1 + g / 3, d2 + g**2 / 3, d3 + g**3 / 3
     denom = 2 * d2 + a.sum(dim=(2, 3), keepdim=True) * d3

@@ -20,16 +20,9 @@ from foveal import registry
 from foveal.core.checkpoint import load_state, read_metadata, read_state_dict, save_state
 from foveal.core.errors import CheckpointError
 from foveal.core.training import load_training_state, save_training_state
-from foveal.testing import check_component
 
-# Smaller settings for components whose defaults are slow to build on 2 CPU cores; the round
-# trip itself is what is tested, for every registered name.
-FAST = {"timm-backbone": {"model_name": "resnet18"}}
-
-
-@pytest.mark.parametrize("name", registry.names())
-def test_every_registered_component_round_trips(name):
-    check_component(name, **FAST.get(name, {}))
+# The round trip of every registered component (tiny and default configs, equal outputs after
+# loading) is a contract: tests/test_contracts.py.
 
 
 def small_backbone():

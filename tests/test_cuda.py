@@ -12,13 +12,15 @@ import timm
 import torch
 
 from foveal import load, registry
+from foveal.explainers.cam import CAMBase
+from foveal.explainers.relevance import ViTExplainer
+from foveal.explainers.score_cams import ScoreWeightedCAM
 from foveal.testing import check_explainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-CAMS = ["grad-cam", "grad-cam++", "xgrad-cam", "layer-cam", "smoothgrad-cam++", "score-cam", "abs-cam",
-        "abs-cam-init", "attention-guided-cam"]
-VIT = ["vit-lrp", "partial-lrp", "attention-rollout", "attn-grad-cam", "raw-attention"]
+CAMS = [n for n in registry.names("explainer") if issubclass(registry.entry(n).cls, CAMBase)]
+VIT = [n for n in registry.names("explainer") if issubclass(registry.entry(n).cls, ViTExplainer)]
 QUIET = {"score-cam": {"progress": False}, "abs-cam": {"progress": False}, "smoothgrad-cam++": {"n_samples": 2}}
 
 
@@ -40,7 +42,7 @@ def _both(model: torch.nn.Module, x: torch.Tensor, name: str, targets, **kw):
 def test_cams_on_cuda_equal_cpu(name):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=5).eval().double()
-    scored = name in ("score-cam", "abs-cam")
+    scored = issubclass(registry.entry(name).cls, ScoreWeightedCAM)
     x = torch.randn((1, 3, 32, 32) if scored else (2, 3, 64, 64), dtype=torch.float64)
     cpu, cuda = _both(model, x, name, [3, 1][: len(x)], target_layer="layer2" if scored else "layer3")
     assert cpu.amax() == 1.0

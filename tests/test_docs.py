@@ -33,6 +33,8 @@ def test_every_registered_component_has_a_readme_row():
         assert name in rows, f"README component table has no row for {name!r}"
         assert rows[name] == registry.entry(name).kind, f"README says {name!r} is a {rows[name]}"
         assert registry.info(name)["doc"], f"{name} has no docstring"
+    stale = sorted(set(rows) - set(registry.names()))
+    assert not stale, f"README component table lists names that are not registered: {stale}"
 
 
 def test_benchmarks_md_covers_every_script():

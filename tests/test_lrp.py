@@ -313,3 +313,35 @@ def test_lrp_on_cuda_equals_cpu(rules):
     model.cpu()
     assert cuda.device.type == "cuda"
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-7, atol=1e-9 * float(cpu.abs().max()))
+
+
+def test_in_place_updates_are_traced_out_of_place_and_a_discarded_one_is_an_error():
+    """``x += y`` rebinds ``x`` to the traced result (ResNet shortcuts); a bare ``x.add_(y)`` whose
+    result is dropped would lose the update, so the stale ``x`` is refused at its next use."""
+
+    class Residual(torch.nn.Module):
+        def __init__(self, discard: bool) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.head = torch.nn.Linear(3, 2)
+            self.discard = discard
+
+        def forward(self, x):
+            y = self.conv(x)
+            if self.discard:
+                y.add_(x)
+            else:
+                y += x
+            return self.head(y.mean((2, 3)))
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    kept = Residual(discard=False).eval()
+    out_of_place = registry.build("lrp", rules="cp-lrp").relevance(kept, x, [0, 1])
+    plain = Residual(discard=False).eval()
+    plain.load_state_dict(kept.state_dict())
+    plain.forward = lambda t: plain.head((plain.conv(t) + t).mean((2, 3)))
+    assert torch.allclose(out_of_place, registry.build("lrp", rules="cp-lrp").relevance(plain, x, [0, 1]))
+    dropped = Residual(discard=True).eval()
+    dropped.load_state_dict(kept.state_dict())
+    with pytest.raises(InputError, match="updated in place"):
+        registry.build("lrp").explain(dropped, x, [0, 1])

@@ -75,6 +75,14 @@ print(type(foveal.load(r"{tmp_path / 'gxi.safetensors'}")).__name__)
     assert run_python(code, installed).strip() == "GradientXInput"
 
 
+def test_tutorial_contract_test_passes(installed):
+    """The test shown in CONTRIBUTING.md ("Writing a plugin", step 4) passes on the example."""
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    block = text.split("**4. Test it**", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "def test_contract" in block
+    assert run_python(block + "\ntest_contract()\nprint('ok')\n", installed).strip() == "ok"
+
+
 def test_env_var_can_exclude_it(installed):
     code = "from foveal import registry; print(registry.has('gradient-x-input'))"
     assert run_python(code, installed, FOVEAL_LOAD_PLUGINS="").strip() == "False"

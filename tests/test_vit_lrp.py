@@ -20,10 +20,11 @@ from torch import nn
 
 from foveal import registry
 from foveal.core.errors import InputError
+from foveal.explainers.relevance import ViTExplainer
 from foveal.testing import _hook_count, check_component, check_explainer
 
 EPS = 1e-9
-NAMES = ["vit-lrp", "attention-rollout", "raw-attention", "attn-grad-cam", "partial-lrp"]
+NAMES = [n for n in registry.names("explainer") if issubclass(registry.entry(n).cls, ViTExplainer)]
 
 
 def tiny_vit(dtype=torch.float64, seed=0, **kw):

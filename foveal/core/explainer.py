@@ -19,7 +19,7 @@ from torch import nn
 
 from .component import PlainComponent
 from .errors import InputError
-from .modules import check_model_dtype, preserved_model_state
+from .modules import check_input_channels, check_model_dtype, preserved_model_state
 from .tensors import check_images, normalize_maps, resize_maps
 
 Target = Union[int, Callable[[torch.Tensor], torch.Tensor]]
@@ -239,7 +239,12 @@ class Explainer(PlainComponent, ABC):
       * ``targets``: see :func:`target_scores` (class indices, a tensor, callables such as
         :class:`SegmentationTarget`, or ``None`` for the top class);
       * returns float maps in [0, 1] (per-image min-max; constant maps become 0) at the input's
-        H, W and device, detached.
+        H, W, dtype and device, detached; an image's map does not depend on the other images of
+        the batch.
+
+    Bad input (a tensor that is not a (B, C, H, W) float batch, NaN/Inf, a channel count the
+    model's first convolution does not take, an out-of-range class target) raises
+    :class:`~foveal.core.errors.InputError`; class-agnostic methods check ``targets`` too.
 
     The model is left as found: hooks removed (even on exceptions), train/eval flags and
     ``requires_grad`` restored, no parameter ``.grad`` written. Subclasses implement
@@ -263,12 +268,18 @@ class Explainer(PlainComponent, ABC):
         """Raw maps (B, h, w). Runs inside :func:`preserved_model_state`; append hook handles
         to ``hooks`` so they are removed whatever happens."""
 
+    def check_input(self, model: nn.Module, images: torch.Tensor) -> None:
+        """Channel count against the model's first convolution (clearer than a conv error);
+        override for models whose first convolution does not read the images."""
+        check_input_channels(model, images)
+
     def explain(self, model: nn.Module, images: torch.Tensor, targets: Targets = None, *,
                 output_selector: Selector = None) -> torch.Tensor:
         """Maps (B, H, W) in [0, 1]; see the class docstring. ``output_selector`` picks the logits
         out of the model's output (:func:`select_output`; ``None`` = automatic)."""
         images = check_images(images, channels=None)
         check_model_dtype(model, images)
+        self.check_input(model, images)
         check_selector(output_selector)
         # Gradients are taken locally, whatever the caller's grad mode: under torch.no_grad()
         # enable_grad() suffices; under torch.inference_mode() autograd needs inference mode off

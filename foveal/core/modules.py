@@ -41,6 +41,17 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
     )
 
 
+def check_input_channels(model: nn.Module, images: torch.Tensor, name: str = "images") -> None:
+    """Channel count of ``images`` against the model's first convolution: an
+    :class:`InputError` instead of the convolution's own error deep inside the forward."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and images.shape[1] != conv.in_channels:
+        raise InputError(
+            f"{name}: the model's first convolution expects {conv.in_channels} channels in dim 1 "
+            f"(B, C, H, W), got a tensor of shape {tuple(images.shape)}"
+        )
+
+
 def _all_modules(model: nn.Module) -> list[nn.Module]:
     """Every sub-module once (like ``model.modules()``, in another order), without building the
     dotted names ``named_modules`` creates: it runs on every explain, where it is measurable."""

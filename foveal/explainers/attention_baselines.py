@@ -17,7 +17,7 @@ class AttentionRollout(ViTExplainer):
     attention plus identity, rows normalised, multiplied from ``start_layer`` (default 1, 0 for a
     one-block model: the authors' evaluation scripts call ``generate_rollout(data,
     start_layer=1)`` in ``baselines/ViT/generate_visualizations.py`` and ``imagenet_seg_eval.py``);
-    class row. Class-agnostic (``targets`` are ignored)."""
+    class row. Class-agnostic (``targets`` are checked, then ignored)."""
 
     class Config(ViTExplainer.Config):
         start_layer: int | None = Field(
@@ -27,7 +27,7 @@ class AttentionRollout(ViTExplainer):
     def attribute(self, model, images, targets, hooks):
         t = self.trace(model, images, targets, hooks)
         layers = [a.mean(dim=1) for a in t.attention]
-        return t.to_map(rollout(layers, start_layer(self.config.start_layer, len(layers)), normalise=True)[:, 0])
+        return t.to_map(rollout(layers, start_layer(self.config.start_layer, len(layers)), normalize=True)[:, 0])
 
 
 class LastBlockExplainer(ViTExplainer):

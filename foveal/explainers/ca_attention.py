@@ -11,14 +11,14 @@ from torch import nn
 
 from ..core.config import ComponentConfig
 from ..core.errors import InputError
-from ..core.explainer import Explainer
+from ..core.explainer import Explainer, target_scores
 from ..models.ca_stream import CaStream
 
 
 class CaAttention(Explainer):
     """Raw attention of CA-Stream (ca-stream.txt, section 3.2, eq. 5 and Figure 2): the last
     cross-attention block's pre-softmax logits ``F_L q_L / sqrt(d_L)`` over the last stage's
-    grid, a class-agnostic CAM-like saliency map (``targets`` are ignored). Works on any model
+    grid, a class-agnostic CAM-like saliency map (``targets`` are checked, then ignored). Works on any model
     containing a ``ca-stream`` pooling; one forward pass, no gradients."""
 
     class Config(ComponentConfig):
@@ -31,7 +31,7 @@ class CaAttention(Explainer):
         pool = pools[-1]
         pool.last_attention = None
         with torch.no_grad():
-            model(images)
+            target_scores(model(images), targets)  # ignored, but checked like every explainer's
         att = pool.last_attention
         if att is None:
             raise InputError("ca-attention: the model's forward did not run its ca-stream pooling")

@@ -71,7 +71,6 @@ class CAMBase(Explainer):
         """Raw maps (B, h, w) from :meth:`compute`; a map whose span is below 1e-5 of its largest
         magnitude is float noise around a constant and becomes exactly zero (``explain`` would
         otherwise min-max-stretch the noise into a full-range pattern)."""
-        self.check_input(model, images)
         raw = self.compute(model, images, targets, hooks)
         lo, hi = torch.aminmax(raw.detach().flatten(1), dim=1)
         constant = (hi - lo) <= 1e-5 * torch.maximum(lo.abs(), hi.abs())
@@ -189,15 +188,6 @@ class CAMBase(Explainer):
             f"target layer output has shape {tuple(t.shape)}; expected (B, C, h, w) feature maps or "
             "(B, N, D) tokens (give reshape=fn for other layouts)"
         )
-
-    def check_input(self, model: nn.Module, images: torch.Tensor) -> None:
-        """Channel count against the model's first convolution (clearer than a conv error)."""
-        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        if conv is not None and images.shape[1] != conv.in_channels:
-            raise InputError(
-                f"images: the model's first convolution expects {conv.in_channels} channels in dim 1 "
-                f"(B, C, H, W), got a tensor of shape {tuple(images.shape)}"
-            )
 
 
 # --- targets of perturbed inputs --------------------------------------------------------------

@@ -94,7 +94,9 @@ class SmoothGradCAMpp(CAMBase):
     Smilkov et al. 2017: Gaussian noise of std ``noise_level * (max - min)`` of each image).
     Activations come from the clean input (as in torchcam); ``ReLU`` is applied to the averaged
     first derivative. ``targets=None`` is the top class of the clean input. The noise is drawn
-    from a CPU generator seeded with ``seed``, so maps are reproducible on any device."""
+    from a CPU generator seeded with ``seed``, so maps are reproducible on any device; every image
+    of a batch gets the same noise sequence (scaled by its own range), so a batch gives the maps of
+    its images explained one by one."""
 
     class Config(CAMConfig):
         n_samples: int = Field(8, ge=1, description="Number of noisy copies averaged.")
@@ -111,7 +113,7 @@ class SmoothGradCAMpp(CAMBase):
         sigma = self.config.noise_level * span
         d1 = d2 = d3 = None
         for _ in range(self.config.n_samples):
-            noise = torch.randn(images.shape, generator=gen, dtype=images.dtype).to(images.device)
+            noise = torch.randn(images.shape[1:], generator=gen, dtype=images.dtype).to(images.device)
             _, g, _ = self.capture(model, images + sigma * noise, fixed, hooks)
             d1 = g if d1 is None else d1 + g
             g2 = g * g

@@ -588,6 +588,10 @@ _UNARY = {
 }
 _SELECT = {T.__getitem__, T.select, torch.select, T.index_select, torch.index_select}
 _INPLACE = {T.add_, T.sub_, T.mul_, T.div_, T.addmm_, T.relu_, F.relu_, T.sigmoid_, T.tanh_}
+#: in-place ops traced as their out-of-place version (``x += shortcut`` in ResNets rebinds ``x`` to
+#: the result; an update whose result is discarded is caught when the stale tensor is used again)
+_INPLACE_AS = {T.add_: torch.add, T.sub_: torch.sub, T.mul_: torch.mul, T.div_: torch.div, T.relu_: torch.relu,
+               F.relu_: torch.relu, T.sigmoid_: torch.sigmoid, T.tanh_: torch.tanh}
 _FUSED = {F.scaled_dot_product_attention}
 #: linear maps without weights: the z-rule (by name: torch wraps some of them, e.g. max_pool2d)
 _LINEAR_OPS = {
@@ -673,6 +677,7 @@ class _Tracer(TorchFunctionMode):
         self.images: dict[int, weakref.ref] = {}
         self.nodes: dict[int, tuple[weakref.ref, _Node]] = {}
         self.scales: dict[int, tuple[weakref.ref, float]] = {}
+        self.superseded: dict[int, tuple[weakref.ref, str]] = {}
         self.block = -1
         self.attention: list[list[Tensor]] = [[] for _ in range(n_blocks)]
         self.unknown: set[str] = set()
@@ -702,6 +707,13 @@ class _Tracer(TorchFunctionMode):
         inputs = [t for t in _tensors((args, kwargs)) if self.is_act(t)]
         if not inputs:
             return func(*args, **kwargs)
+        stale = next((self._lookup(self.superseded, t) for t in inputs if self._lookup(self.superseded, t)), None)
+        if stale is not None:
+            raise InputError(
+                f"relevance: a tensor updated in place ({stale}) is used again after the update; the tracer "
+                "runs in-place updates out of place, so the model must use their result (x = x.add_(y) or "
+                "x += y), or be built with its in-place options off"
+            )
         if func in _FUSED:
             raise InputError(
                 "relevance: the model calls F.scaled_dot_product_attention, which hides the attention "
@@ -744,6 +756,10 @@ class _Tracer(TorchFunctionMode):
         rules = st.rules
         act = self.is_act
         name = getattr(func, "__name__", repr(func))
+        if func in _INPLACE_AS and act(args[0]):
+            out = self._apply(_INPLACE_AS[func], args, kwargs, node)
+            self.superseded[id(args[0])] = (weakref.ref(args[0]), name)
+            return out
         if func in _INPLACE:
             raise InputError(
                 f"relevance: in-place {name} on traced activations is not supported; build the model "
@@ -1000,6 +1016,8 @@ class ViTExplainer(Explainer):
                     seed = torch.autograd.grad(scores.sum(), output, retain_graph=True)[0]
                     state.mode = "lrp"
                     relevance = list(torch.autograd.grad(output, attention, seed))
+            else:
+                target_scores(output, targets)  # class-agnostic methods ignore the targets, but check them
         n = attention[0].shape[-1]
         grid = token_grid(owner, n - prefix, tuple(images.shape[-2:]))
         attention = [a.detach() for a in attention]
@@ -1017,15 +1035,22 @@ def start_layer(configured: int | None, n_blocks: int) -> int:
     return min(AUTHORS_START_LAYER, n_blocks - 1) if configured is None else configured
 
 
-def rollout(layers: list[Tensor], start: int, normalise: bool) -> Tensor:
-    """Product over blocks ``start..L-1`` of ``A_b + I`` (rows normalised if asked), (B, N, N)."""
+def rollout(layers: list[Tensor], start: int, normalize: bool | None = None, *,
+            normalise: bool | None = None) -> Tensor:
+    """Product over blocks ``start..L-1`` of ``A_b + I`` (rows normalised if ``normalize``),
+    (B, N, N). ``normalise`` is the deprecated spelling of ``normalize``."""
+    if normalise is not None:
+        warnings.warn("rollout(normalise=...) is deprecated; use normalize=...", DeprecationWarning, stacklevel=2)
+        normalize = normalise if normalize is None else normalize
+    if normalize is None:
+        raise TypeError("rollout() missing the argument 'normalize'")
     if not 0 <= start < len(layers):
         raise InputError(f"start_layer={start} out of range for a model with {len(layers)} blocks")
     eye = torch.eye(layers[0].shape[-1], dtype=layers[0].dtype, device=layers[0].device)
     joint = None
     for a in layers[start:]:
         a = a + eye
-        if normalise:
+        if normalize:
             a = a / a.sum(dim=-1, keepdim=True)
         joint = a if joint is None else a.bmm(joint)
     return joint

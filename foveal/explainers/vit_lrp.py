@@ -36,4 +36,4 @@ class TransformerAttribution(ViTExplainer):
     def attribute(self, model, images, targets, hooks):
         t = self.trace(model, images, targets, hooks)
         cams = [(g * r).clamp(min=0).mean(dim=1) for g, r in zip(t.grads, t.relevance)]
-        return t.to_map(rollout(cams, start_layer(self.config.start_layer, len(cams)), normalise=False)[:, 0])
+        return t.to_map(rollout(cams, start_layer(self.config.start_layer, len(cams)), normalize=False)[:, 0])

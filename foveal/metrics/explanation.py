@@ -50,7 +50,7 @@ from ..core.config import ComponentConfig
 from ..core.errors import InputError
 from ..core.explainer import SegmentationTarget, Selector, Targets, check_selector, install_output_selector
 from ..core.metric import Metric
-from ..core.modules import check_model_dtype, preserved_model_state
+from ..core.modules import check_input_channels, check_model_dtype, preserved_model_state
 from ..core.tensors import check_images, check_maps, normalize_maps
 
 Output = Literal["probability", "logit"]
@@ -148,8 +148,9 @@ def make_baseline(images: torch.Tensor, p: Perturbation) -> torch.Tensor:
     return rise_blur(images, p.blur_kernel_size, p.blur_sigma)
 
 
-def _check(images: torch.Tensor, saliency: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _check(model: nn.Module, images: torch.Tensor, saliency: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     images = check_images(images, channels=None)
+    check_input_channels(model, images)
     saliency = check_maps(saliency, like=images).to(images.device)
     if not saliency.is_floating_point():
         saliency = saliency.to(images.dtype)
@@ -321,7 +322,7 @@ def masked_scores(
     is ``E * x + (1 - E) * baseline``; with the default ``"zero"`` baseline this is ``E * x``.
     """
     p = p or Perturbation()
-    images, saliency = _check(images, saliency)
+    images, saliency = _check(model, images, saliency)
     scorer, y, _ = _original(model, images, targets, output, p.batch_size)
     if keep_fraction is None:
         e = normalize_maps(saliency.to(images.dtype))
@@ -377,7 +378,7 @@ def _step_counts(n: int, steps: int) -> list[int]:
 
 
 def _curve(model, images, saliency, targets, steps, output, p, mode):
-    images, saliency = _check(images, saliency)
+    images, saliency = _check(model, images, saliency)
     b, _, h, w = images.shape
     n = h * w
     counts = _step_counts(n, steps)
@@ -463,7 +464,7 @@ def percentage_in(model, images, saliency, targets=None, *, fraction: float = 0.
     p = p or Perturbation("zero")
     if not 0.0 <= fraction <= 1.0:
         raise InputError(f"fraction: expected a value in [0, 1], got {fraction}")
-    images, saliency = _check(images, saliency)
+    images, saliency = _check(model, images, saliency)
     b, _, h, w = images.shape
     scorer, _, _ = _original(model, images, targets, output, p.batch_size)
     samples = torch.arange(b, device=images.device)
@@ -497,7 +498,7 @@ def perturbation_curve(
     fr = [float(f) for f in fractions]
     if not fr or any(not 0.0 <= f <= 1.0 for f in fr) or any(b <= a for a, b in zip(fr, fr[1:])):
         raise InputError(f"fractions: expected increasing values in [0, 1], got {list(fractions)}")
-    images, saliency = _check(images, saliency)
+    images, saliency = _check(model, images, saliency)
     b, _, h, w = images.shape
     scorer, y, out0 = _original(model, images, targets, "probability", p.batch_size)
     accuracy = score == "accuracy"
@@ -935,7 +936,7 @@ def road_curve(
         raise InputError(f"noise: expected a non-negative standard deviation, got {noise}")
     if batch_size < 1:
         raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
-    images, saliency = _check(images, saliency)
+    images, saliency = _check(model, images, saliency)
     b, c, h, w = images.shape
     dev, dtype = images.device, images.dtype
     scorer, y, out0 = _original(model, images, targets, "logit" if score == "logit" else "probability", batch_size)

@@ -148,6 +148,15 @@ def _as_prob(predictions: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tens
     return predictions, masks.to(predictions.device)
 
 
+def _check_probabilities(predictions: torch.Tensor) -> None:
+    """Thresholds and curves read probabilities: logits would be scored silently wrong."""
+    if predictions.dtype != torch.bool and predictions.numel():
+        lo, hi = torch.aminmax(predictions)
+        if float(lo) < 0 or float(hi) > 1:
+            raise InputError(f"predictions: expected probabilities in [0, 1] or bool (apply a sigmoid to logits), "
+                             f"got values in [{float(lo):.4g}, {float(hi):.4g}]")
+
+
 class _OverlapConfig(ComponentConfig):
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="Probabilities >= threshold are foreground "
                              "(bool predictions are used as they are).")
@@ -173,6 +182,7 @@ class _Overlap(PooledMetric):
 
     def _binary(self, predictions: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pred, masks = _as_prob(predictions, masks)
+        _check_probabilities(pred)
         return (pred if pred.dtype == torch.bool else pred >= self.config.threshold), masks
 
     def compute(self, predictions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -244,6 +254,8 @@ class _MeanOverlap(Metric):
 
     def compute(self, predictions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         prob, gt = _as_prob(predictions, masks)
+        if not self.config.normalize:
+            _check_probabilities(prob)
         prob = prob.to(float_dtype(prob))
         curves = threshold_curves(prob, gt, num_thresholds=self.config.num_thresholds,
                                          normalize=self.config.normalize)[self._index]
