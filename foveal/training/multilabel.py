@@ -121,7 +121,7 @@ def build_vit(name: str, num_classes: int, image_size: int, vit_kwargs: dict[str
     return model
 
 
-def normalisation(model: nn.Module, mean=None, std=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalization(model: nn.Module, mean=None, std=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``mean``/``std`` when given, else the ViT's ``pretrained_cfg`` values."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return (tuple(mean or cfg.get("mean", (0.5, 0.5, 0.5))), tuple(std or cfg.get("std", (0.5, 0.5, 0.5))))
@@ -157,7 +157,7 @@ def load_classifier(path: str | os.PathLike, *, vit: str | None = None, vit_kwar
     model.load_state_dict(tensors)
     info.setdefault("mean", None)
     info.setdefault("std", None)
-    info["mean"], info["std"] = normalisation(model, info["mean"], info["std"])
+    info["mean"], info["std"] = normalization(model, info["mean"], info["std"])
     return model.eval(), info
 
 
@@ -215,7 +215,7 @@ def train_multilabel(images: LabelledImages, config: MultiLabelTrainConfig | dic
     seed_everything(cfg.seed)
     classes = list(images.classes)
     model = build_vit(cfg.vit, len(classes), cfg.image_size, cfg.vit_kwargs, cfg.weights).to(device)
-    mean, std = normalisation(model, cfg.mean, cfg.std)
+    mean, std = normalization(model, cfg.mean, cfg.std)
     info = {"vit": cfg.vit, "vit_kwargs": cfg.vit_kwargs, "classes": classes, "image_size": cfg.image_size,
             "mean": list(mean), "std": list(std)}
     dataset = ClassifierDataset(images, cfg, mean, std)
