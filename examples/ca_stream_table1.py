@@ -14,9 +14,10 @@ with GAP and then CA-Stream on it (what CI runs):
     python examples/ca_stream_table1.py --synthetic --out OUT
 
 Writes ``OUT/table1.md``, ``OUT/table1.json`` and ``OUT/figure.png`` (saliency maps of both
-poolings and the CA raw attention, like Figure 2). Conventions: explanations and metrics use the
-predicted class; AD/AG/AI in percent with the soft-mask ``E * x``; I/D are RISE areas under the
-curve (insertion from the blurred image, deletion to zeros), reported x100 as in the paper.
+poolings and the CA raw attention, like Figure 2). Scores follow the authors' evaluation code (the
+``ca-stream-table1`` protocol of ``foveal.evaluation``): the ground-truth class is explained and
+scored; AD/AG/AI in percent on the soft map over a black image (pixel space); I/D are areas under
+the probability curve, 8 image rows per step, reported x100 as in the paper.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=224, help="insertion/deletion steps (RISE: 224)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="insertion/deletion steps (default: the authors' 8 image rows per step, 28 at 224 px)")
     p.add_argument("--figure-images", type=int, default=4)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)

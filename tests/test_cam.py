@@ -17,14 +17,22 @@ from foveal.core.errors import InputError
 from foveal.core.explainer import SegmentationTarget
 from foveal.explainers.cam import CAMBase
 from foveal.explainers.gradient_cams import GradCAM
-from foveal.explainers.score_cams import ScoreWeightedCAM
+from foveal.explainers.input_gradients import InputGradientExplainer
+from foveal.explainers.score_cams import AblationCAM, ScoreWeightedCAM
 from foveal.testing import _hook_count, check_explainer
 
-METHODS = [n for n in registry.names("explainer") if issubclass(registry.entry(n).cls, CAMBase)]
-QUIET = {"score-cam": {"progress": False}, "abs-cam": {"progress": False}, "smoothgrad-cam++": {"n_samples": 2}}
+CLASSES = (CAMBase, InputGradientExplainer)
+METHODS = [n for n in registry.names("explainer") if issubclass(registry.entry(n).cls, CLASSES)]
+QUIET = {"score-cam": {"progress": False}, "abs-cam": {"progress": False}, "ablation-cam": {"progress": False},
+         "smoothgrad-cam++": {"n_samples": 2}, "smoothgrad": {"n_samples": 4}, "integrated-gradients": {"steps": 8}}
+INPUT_SPACE = {n for n in METHODS if issubclass(registry.entry(n).cls, InputGradientExplainer)}  # no target layer
+# one forward per channel
+PERTURBATION = {n for n in METHODS if issubclass(registry.entry(n).cls, (ScoreWeightedCAM, AblationCAM))}
 
 
 def build(name: str, **kw):
+    if name in INPUT_SPACE:
+        kw.pop("target_layer", None)
     return registry.build(name, **{**QUIET.get(name, {}), **kw})
 
 
@@ -77,7 +85,7 @@ def seg():
 @pytest.mark.parametrize("name", METHODS)
 def test_contract_resnet_vit_segmentation(name, resnet, vit, seg):
     # score-weighted methods run one forward per channel: one small image and a 128-channel layer
-    scored = issubclass(registry.entry(name).cls, ScoreWeightedCAM)
+    scored = name in PERTURBATION
     x = torch.randn((1, 3, 32, 32) if scored else (2, 3, 64, 64), generator=torch.Generator().manual_seed(0))
     layer = "layer2" if scored else "layer3"
     resnet.train()  # the explainer must evaluate in eval mode and restore train mode
@@ -163,17 +171,24 @@ def trained():
     return model, x, y, pos
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_pointing_game_on_trained_cnn(name, trained):
+# SmoothGrad's default |gradient| saliency is a weak localiser on this GAP model: the gradient
+# magnitude barely depends on where the square is (0.55-0.58 with 4 or 50 samples); its signed
+# positive part points at the square every time (second case).
+POINTING = [(name, {}, 0.5 if name == "smoothgrad" else 0.85) for name in METHODS] + [
+    ("smoothgrad", {"absolute": False, "reduction": "positive"}, 0.85)]
+
+
+@pytest.mark.parametrize("name,kw,bar", POINTING)
+def test_pointing_game_on_trained_cnn(name, kw, bar, trained):
     model, x, y, pos = trained
-    maps = build(name, target_layer="features").explain(model, x, y)
+    maps = build(name, target_layer="features", **kw).explain(model, x, y)
     hits = 0
     for i in range(len(x)):
         r, c = divmod(int(maps[i].argmax()), 32)
         r0, c0 = pos[i].tolist()
         hits += (r0 - 2 <= r < r0 + 8) and (c0 - 2 <= c < c0 + 8)  # the square with a 2 px margin
     chance = 100 / 1024
-    assert hits / len(x) >= 0.85, f"{name}: pointing accuracy {hits / len(x):.2f} (chance {chance:.2f})"
+    assert hits / len(x) >= bar, f"{name}: pointing accuracy {hits / len(x):.2f} (chance {chance:.2f})"
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -191,7 +206,8 @@ def test_input_errors(resnet):
         e.explain(resnet, torch.randn(1, 1, 32, 32))
     with pytest.raises(InputError, match="out of range"):
         e.explain(resnet, x, 7)
-    for name in ("score-cam", "abs-cam", "smoothgrad-cam++"):
+    for name in ("score-cam", "abs-cam", "smoothgrad-cam++", "ablation-cam", "finer-cam", "shapley-cam", "eigen-cam",
+                 "kpca-cam"):
         with pytest.raises(InputError, match="out of range"):
             build(name, target_layer="layer4").explain(resnet, x, 5)
     with pytest.raises(InputError, match="layer4"):

@@ -194,8 +194,67 @@ def test_abs_cam_equals_per_channel_reading_float64():
     weight = g.abs().mean(dim=(2, 3), keepdim=True)  # eq. 2
     _, masks, w = score_reference64(model, x, targets, align_corners=False, maps_fn=lambda act: weight * act)
     ref = minmax(torch.relu((w[..., None, None] * masks).sum(1))).float()  # eq. 5, per channel
-    ours = registry.build("abs-cam", target_layer="features", batch_size=4, progress=False).explain(model, x, targets)
+    ours = registry.build("abs-cam", target_layer="features", batch_size=4, progress=False,
+                          normalization="per-channel", score="channel-softmax").explain(model, x, targets)
     assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
+
+
+def abs_cam_default_reference64(model, x, targets, weight_fn=lambda g: g.abs().mean(dim=(2, 3), keepdim=True)):
+    """Abs-CAM, default reading, as a plain float64 loop: M_0^k = S(U(W_k A^k)) with S one min-max
+    over all channels of the image (eq. 3), M_1^k = M_0^k X (eq. 4), Y_c = softmax(f(M_1^k))_c
+    (class probability, "after softmax"), L = ReLU(sum_k Y_c(M_1^k) M_0^k) (eq. 5)."""
+    import copy
+
+    a, g, _ = act_and_grad64(model, model.features, x, targets)
+    m = copy.deepcopy(model).double()
+    ups = F.interpolate((weight_fn(g) * a).flatten(0, 1)[:, None], size=(SIZE, SIZE), mode="bilinear",
+                        align_corners=False)[:, 0].view(a.shape[0], a.shape[1], SIZE, SIZE)
+    out = []
+    with torch.no_grad():
+        for i in range(a.shape[0]):
+            lo, hi = ups[i].min(), ups[i].max()
+            m0 = (ups[i] - lo) / (hi - lo)  # shared over the channels of image i
+            y = torch.stack([torch.softmax(m(x[i : i + 1].double() * m0[k]), 1)[0, targets[i]]
+                             for k in range(a.shape[1])])
+            out.append(torch.relu((y[:, None, None] * m0).sum(0)))
+    return minmax(torch.stack(out)).float()
+
+
+def test_abs_cam_default_reading_float64():
+    """Default reading: shared normalisation S and class probabilities (issue 15 item 1)."""
+    model = SmallCNN().eval()
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    targets = [2, 0]
+    ref = abs_cam_default_reference64(model, x, targets)
+    for bs in (4, 64):
+        ours = registry.build("abs-cam", target_layer="features", batch_size=bs, progress=False).explain(
+            model, x, targets)
+        assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
+
+
+def test_abs_cam_gradient_weights_matter_under_default_only():
+    """The paper's |gradient| weights W_k (eq. 2) change the map under the default (shared) S and
+    cancel under the per-channel S: replacing W_k by the indicator W_k > 0 (same channels, no
+    weighting) leaves the per-channel map unchanged and changes the default one."""
+    from foveal.explainers.score_cams import AbsCAM
+
+    class Unweighted(AbsCAM):
+        def channel_weights(self, g):
+            return (super().channel_weights(g) > 0).to(g.dtype)
+
+    model = SmallCNN().eval()
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(8))
+    targets = [1, 3]
+    for normalization, score in (("shared", "probability"), ("per-channel", "channel-softmax"),
+                                 ("per-channel", "probability")):
+        kw = dict(target_layer="features", progress=False, normalization=normalization, score=score)
+        weighted = AbsCAM(**kw).explain(model, x, targets)
+        unweighted = Unweighted(**kw).explain(model, x, targets)
+        diff = float((weighted - unweighted).abs().max())
+        if normalization == "shared":
+            assert diff > 0.05, f"W_k has no effect under the default reading ({diff})"
+        else:
+            assert diff < 1e-5, f"W_k > 0 should cancel under per-channel min-max ({diff})"
 
 
 def test_score_cam_never_forwards_more_than_one_chunk():
@@ -218,12 +277,13 @@ def test_smoothgrad_cam_pp_equals_averaged_eq19(resnet, images):
     targets = [0, 1, 2]
     e = registry.build("smoothgrad-cam++", target_layer="layer3", n_samples=3, noise_level=0.2, seed=11)
     ours = e.explain(resnet, images, targets)
-    gen = torch.Generator().manual_seed(11)
+    # every image's 3 noise samples: one (3, C, H, W) draw of a generator seeded with 11
+    draw = torch.randn((3, *images.shape[1:]), generator=torch.Generator().manual_seed(11))
     span = (images.flatten(1).amax(1) - images.flatten(1).amin(1)).view(-1, 1, 1, 1)
     a, _, _ = act_and_grad64(resnet, resnet.layer3, images, targets)
     d1 = d2 = d3 = 0
-    for _ in range(3):
-        noisy = images + 0.2 * span * torch.randn(images.shape[1:], generator=gen)  # same noise per image
+    for s in range(3):
+        noisy = images + 0.2 * span * draw[s]
         _, g, _ = act_and_grad64(resnet, resnet.layer3, noisy, targets)
         d1, d2, d3 = d1 + g / 3, d2 + g**2 / 3, d3 + g**3 / 3
     denom = 2 * d2 + a.sum(dim=(2, 3), keepdim=True) * d3
@@ -231,3 +291,6 @@ def test_smoothgrad_cam_pp_equals_averaged_eq19(resnet, images):
     w = (alpha * torch.relu(d1)).sum(dim=(2, 3), keepdim=True)
     ref = minmax(upsample(torch.relu((w * a).sum(1)))).float()
     assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
+    # batch independence: an image explained alone gets the same noise, hence the same map
+    alone = e.explain(resnet, images[2:], targets[2:])
+    assert torch.allclose(alone, ours[2:], atol=1e-5)

@@ -84,7 +84,9 @@ def build_component(spec: str, kind: str) -> Any:
 def load_model(spec: str, weights: str | None = None, num_classes: int | None = None):
     """``--model``: a foveal checkpoint file, a registered model ``NAME[:k=v,...]``, or a timm model
     (``timm:NAME[:k=v,...]`` or a plain timm name), built with random weights; ``weights`` is a
-    local ``.safetensors``/``.pth`` file loaded into a timm model (nothing is downloaded)."""
+    local ``.safetensors``/``.pth`` file loaded into a timm model (nothing is downloaded). Without
+    ``num_classes`` (or a ``num_classes=`` option) a timm model takes its class count from the
+    classifier in ``weights`` (a 10-class fine-tune of ``resnet50`` loads as 10 classes)."""
     import torch
 
     from .. import registry
@@ -117,7 +119,35 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
         raise InputError(f"--model {spec!r} is not a file, a registry model or a timm model name{hint}")
     if num_classes is not None:
         opts["num_classes"] = num_classes
+    state = read_state_dict(weights) if weights else None
     model = timm.create_model(name, pretrained=False, **opts)
-    if weights:
-        load_weights(model, read_state_dict(weights), source=str(weights))
+    if state is not None and "num_classes" not in opts:
+        found = _classifier_classes(model, state)
+        if found is not None and found != getattr(model, "num_classes", found):
+            model = timm.create_model(name, pretrained=False, num_classes=found, **opts)
+    if state is not None:
+        load_weights(model, state, source=str(weights))
     return model
+
+
+def _classifier_classes(model, state) -> int | None:
+    """Rows of the classifier weight in ``state`` (timm's ``pretrained_cfg["classifier"]`` names it)."""
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    heads = head if isinstance(head, (list, tuple)) else [head] if head else []
+    for h in heads:
+        w = state.get(f"{h}.weight")
+        if w is not None and w.dim() >= 2:
+            return int(w.shape[0])
+    return None
+
+
+def input_normalization(model) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """``(mean, std, source)`` the model expects its inputs normalised with: a timm model's
+    ``pretrained_cfg`` mean/std (``vit_base_patch16_224``: 0.5, 0.5, 0.5), else ImageNet's (what
+    foveal's own trainers normalise with)."""
+    from ..data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = getattr(model, "pretrained_cfg", None)
+    if getattr(model, "kind", None) != "model" and isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
+        return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"]), "the timm pretrained_cfg"
+    return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), "ImageNet's"

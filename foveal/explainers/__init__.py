@@ -1,8 +1,11 @@
 """Explainers, by family (each module cites its papers):
 
 * :mod:`.cam`: the CAM base (target layer, activation/gradient capture, targets of perturbed inputs);
-* :mod:`.gradient_cams`: Grad-CAM, Grad-CAM++, XGrad-CAM, Layer-CAM, SmoothGrad-CAM++, Abs-CAM phase 1;
-* :mod:`.score_cams`: Score-CAM, Abs-CAM;
+* :mod:`.gradient_cams`: Grad-CAM, Grad-CAM++, XGrad-CAM, Layer-CAM, HiResCAM, SmoothGrad-CAM++,
+  Shapley-CAM, Finer-CAM, Abs-CAM phase 1;
+* :mod:`.score_cams`: Score-CAM, Abs-CAM, Ablation-CAM;
+* :mod:`.decomposition_cams`: Eigen-CAM, KPCA-CAM;
+* :mod:`.input_gradients`: gradient x input, integrated gradients, SmoothGrad (input space);
 * :mod:`.attention_guided`: attention-map-guided CAM;
 * :mod:`.relevance`: the relevance-propagation machinery for transformers (rules as autograd
   functions installed by a ``TorchFunctionMode``) and the ViT explainer base;

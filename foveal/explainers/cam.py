@@ -19,8 +19,9 @@ become zeros.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -56,6 +57,9 @@ class CAMBase(Explainer):
     attributes (``explainer.layer``, ``explainer.reshape``) that can be set after
     ``registry.build``; they are not part of the saved config.
     """
+
+    #: output channels (classes) the method needs: a method comparing classes needs at least 2
+    min_outputs: ClassVar[int] = 1
 
     Config = CAMConfig
 
@@ -110,6 +114,49 @@ class CAMBase(Explainer):
         return resolve_layer(model, name)
 
     # --- capture --------------------------------------------------------------------------
+    @contextmanager
+    def recorded(
+        self, model: nn.Module, images: torch.Tensor, hooks: list, *, gradients: bool
+    ) -> Iterator[tuple[nn.Module, torch.Tensor, Any, bool]]:
+        """One forward with a hook on the target layer; yields ``(layer, t, output, plain)`` where
+        ``t`` is the raw layer output (its first element for tuple / list outputs, ``plain`` is
+        False then): a detached leaf that requires grad (``gradients``; the model's output is then
+        a function of it, recorded from the layer on only) or a detached clone.
+
+        The forward runs under ``torch.no_grad``; with ``gradients`` the hook switches grad mode
+        on at the layer, so nothing upstream of it is recorded (cheaper than a plain forward
+        with gradients). The block body runs in that mode (use ``torch.autograd.grad`` there).
+        """
+        layer = self.find_layer(model, images)
+        store: list[torch.Tensor] = []
+        plain: list[bool] = []
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            plain.append(isinstance(output, torch.Tensor))
+            t = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(t, torch.Tensor):
+                raise InputError(
+                    f"target layer {type(module).__name__} returned {type(t).__name__}, expected a tensor"
+                )
+            if not gradients:
+                store.append(t.detach().clone())  # clone: later in-place ops must not change it
+                return None
+            torch.set_grad_enabled(True)  # record the graph from here on only
+            leaf = t.detach().requires_grad_(True)
+            store.append(leaf)
+            return replace_output(output, leaf.clone())  # the model may modify it in place (x += identity)
+
+        handle = layer.register_forward_hook(hook)
+        hooks.append(handle)  # removed by explain() whatever happens; also removed below when done
+        try:
+            with torch.no_grad():
+                output = model(images)
+                if not store:
+                    raise InputError(f"target layer {type(layer).__name__} did not run during the forward pass")
+                yield layer, store[-1], output, plain[-1]
+        finally:
+            handle.remove()
+
     def capture(
         self, model: nn.Module, images: torch.Tensor, targets: Targets, hooks: list, *, gradients: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -120,57 +167,49 @@ class CAMBase(Explainer):
         without autograd up to the target layer and records the graph only from the layer on, so
         it costs less than a plain forward with gradients enabled.
         """
-        layer = self.find_layer(model, images)
-        store: list[torch.Tensor] = []
-
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            t = output[0] if isinstance(output, (tuple, list)) else output
-            if not isinstance(t, torch.Tensor):
-                raise InputError(
-                    f"target layer {type(module).__name__} returned {type(t).__name__}, expected a tensor"
-                )
-            if not gradients:
-                store.append(t.detach().clone())  # clone: later in-place ops must not change it
-                return None
-            torch.set_grad_enabled(True)  # record the graph from here on only (see below)
-            leaf = t.detach().requires_grad_(True)
-            store.append(leaf)
-            out = leaf.clone()  # the model may modify its layer output in place (x += identity)
-            if isinstance(output, tuple):
-                return (out, *output[1:])
-            if isinstance(output, list):
-                return [out, *output[1:]]
-            return out
-
-        handle = layer.register_forward_hook(hook)
-        hooks.append(handle)  # removed by explain() whatever happens; also removed below when done
-        try:
+        with self.recorded(model, images, hooks, gradients=gradients) as (layer, t, output, _):
+            grad = None
             if gradients:
-                # Upstream of the layer no graph is needed: run without grad and let the hook
-                # switch grad mode on at the layer (the context restores the caller's mode).
-                with torch.no_grad():
-                    output = model(images)
-                    if not store:
-                        raise InputError(f"target layer {type(layer).__name__} did not run during the forward pass")
-                    scores = target_scores(output, targets)
-                    (grad,) = torch.autograd.grad(scores.sum(), store[-1], allow_unused=True)
-            else:
-                with torch.no_grad():
-                    output = model(images)
-                grad = None
-        finally:
-            handle.remove()
-        if not store:
-            raise InputError(f"target layer {type(layer).__name__} did not run during the forward pass")
-        act = self.grid(store[-1].detach(), model, images, layer)
+                scores = target_scores(output, targets)
+                (grad,) = torch.autograd.grad(scores.sum(), t, allow_unused=True)
+                self._check_used(grad, layer)
+        act = self.grid(t.detach(), model, images, layer)
         if not gradients:
             return act, None, output
+        return act, self.grid(grad, model, images, layer), output.detach()
+
+    def capture_hvp(
+        self, model: nn.Module, images: torch.Tensor, targets: Targets, hooks: list
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like :meth:`capture` with gradients, plus the Hessian-vector product ``H A`` of the
+        target score with respect to the layer output (``H = d^2 y / dA^2``, the vector being the
+        activation itself), by double back-propagation from the layer on. Returns ``(A, G, HA,
+        output)`` as grids; ``HA`` is exactly zero where the score is linear in ``A`` (the gradient
+        does not depend on ``A``, e.g. ReLU networks scored by a logit). Attention runs with
+        PyTorch's math kernel here (the fused scaled-dot-product kernels have no double backward)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]), \
+                self.recorded(model, images, hooks, gradients=True) as (layer, t, output, _):
+            scores = target_scores(output, targets)
+            (grad,) = torch.autograd.grad(scores.sum(), t, create_graph=True, allow_unused=True)
+            self._check_used(grad, layer)
+            hvp = None
+            if grad.requires_grad:
+                (hvp,) = torch.autograd.grad(grad, t, grad_outputs=t.detach(), allow_unused=True)
+            if hvp is None:
+                hvp = torch.zeros_like(t)
+        g = self.grid(grad.detach(), model, images, layer)
+        return self.grid(t.detach(), model, images, layer), g, self.grid(hvp.detach(), model, images, layer), \
+            output.detach()
+
+    @staticmethod
+    def _check_used(grad: torch.Tensor | None, layer: nn.Module) -> None:
         if grad is None:
             raise InputError(
                 f"the target score does not depend on the target layer {type(layer).__name__}; "
                 "choose a layer the output is computed from"
             )
-        return act, self.grid(grad, model, images, layer), output.detach()
 
     def grid(self, t: torch.Tensor, model: nn.Module, images: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """Layer output -> (B, C, h, w): ``reshape`` if given, 4-D as is, 3-D tokens to a grid."""
@@ -188,6 +227,15 @@ class CAMBase(Explainer):
             f"target layer output has shape {tuple(t.shape)}; expected (B, C, h, w) feature maps or "
             "(B, N, D) tokens (give reshape=fn for other layouts)"
         )
+
+
+def replace_output(output: Any, t: torch.Tensor) -> Any:
+    """``output`` with its first tensor replaced by ``t`` (tuple and list outputs keep the rest)."""
+    if isinstance(output, tuple):
+        return (t, *output[1:])
+    if isinstance(output, list):
+        return [t, *output[1:]]
+    return t
 
 
 # --- targets of perturbed inputs --------------------------------------------------------------

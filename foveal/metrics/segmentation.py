@@ -5,8 +5,13 @@ The polyp literature (PraNet, Polyp-PVT, CaraNet, RTA-Former Table II) reports *
 ``Fmeasure_calu.m``; the Python ports in the Polyp-PVT/UACANet repositories follow it):
 
 1. the prediction (sigmoid probability, resized to the mask) is min-max normalised per image,
-   ``(p - min) / (max - min)``; a constant map becomes all zeros (MATLAB ``mapminmax`` and
-   :func:`foveal.core.tensors.normalize_maps` agree on that);
+   exactly (:func:`exact_minmax`): ``(p - min) / (max - min)`` for every non-constant map,
+   however small its spread, and all zeros for a constant map. The reference normalises twice:
+   the PraNet / Polyp-PVT test scripts save ``(res - res.min()) / (res.max() - res.min() + 1e-8)``
+   and the toolbox stretches what it reads back (``mapminmax``) to [0, 1] again, so the maximum
+   is exactly 1 and a nearly saturated prediction (values in [0.99999, 1]) still separates its
+   region. (The explainers' ``normalize_maps`` instead zeroes maps whose spread is below a
+   relative tolerance, right for float noise in saliency maps, wrong for this protocol.)
 2. thresholds ``numpy.linspace(1, 0, 256)`` (MATLAB ``1:-1/255:0``): 1, 254/255, ..., 0, in that
    (descending) order; a pixel is foreground when ``p >= threshold``;
 3. per image and threshold: ``Dice = 2|P&G| / (|P| + |G|)``, ``IoU = |P&G| / (|G| - |P&G| + |P|)``,
@@ -33,7 +38,7 @@ from pydantic import Field, field_validator
 from ..core.config import ComponentConfig
 from ..core.errors import InputError
 from ..core.metric import Metric, PooledMetric
-from ..core.tensors import check_maps, check_masks, float_dtype, normalize_maps
+from ..core.tensors import check_maps, check_masks, float_dtype
 
 
 def _pair(pred: torch.Tensor, mask: torch.Tensor, pred_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +66,14 @@ def dice_iou(pred: torch.Tensor, mask: torch.Tensor, empty_value: float = 1.0) -
     return dice, iou
 
 
+def exact_minmax(p: torch.Tensor) -> torch.Tensor:
+    """Per-row min-max of (B, N) predictions without any tolerance (module docstring, step 1):
+    ``(p - min) / (max - min)`` when ``max > min``, zeros for a constant row."""
+    lo, hi = p.amin(1, keepdim=True), p.amax(1, keepdim=True)
+    span = hi - lo
+    return torch.where(span > 0, (p - lo) / torch.where(span > 0, span, 1), 0.0)
+
+
 def thresholds(num_thresholds: int = 256) -> torch.Tensor:
     """The reference thresholds ``numpy.linspace(1, 0, num_thresholds)`` as float64 (descending)."""
     if num_thresholds < 2:
@@ -79,7 +92,7 @@ def threshold_curves(
     prob, mask = _pair(prob, mask, "prob")
     p = prob.detach().double().flatten(1)
     if normalize:
-        p = normalize_maps(p)
+        p = exact_minmax(p)
     thr = thresholds(num_thresholds).to(p.device)
     ascending = thr.flip(0).contiguous()
     # number of thresholds each pixel reaches: pixel is foreground at ascending[j] iff j < m
@@ -243,8 +256,8 @@ class IoU(_Overlap):
 class _MeanConfig(ComponentConfig):
     num_thresholds: int = Field(256, ge=2, description="Thresholds evenly spaced on [0, 1] (PraNet: 256, "
                                 "1:-1/255:0 in the MATLAB evaluation).")
-    normalize: bool = Field(True, description="Min-max normalise each prediction to [0, 1] first (PraNet / "
-                            "Polyp-PVT test scripts).")
+    normalize: bool = Field(True, description="Min-max normalise each prediction first, exactly (any non-zero "
+                            "spread is stretched to [0, 1], as the PraNet / Polyp-PVT pipeline).")
 
 
 class _MeanOverlap(Metric):
@@ -265,10 +278,12 @@ class _MeanOverlap(Metric):
 class MeanDice(_MeanOverlap):
     """Mean Dice of the polyp-segmentation literature (PraNet, Polyp-PVT; rta-former.txt III.B).
 
-    Per image: Dice at each of ``num_thresholds`` thresholds of the (min-max normalised)
-    prediction, averaged over thresholds; the dataset value is the mean over images
-    (per-image averaging only: the protocol averages per-image curves). Thresholds
-    ``linspace(1, 0, T)``, foreground ``p >= t``; as in PraNet's toolbox a threshold where
+    Per image: Dice at each of ``num_thresholds`` thresholds of the exactly min-max normalised
+    prediction (no tolerance: a nearly saturated but correct prediction still scores high, as in
+    the PraNet / Polyp-PVT pipeline), averaged over thresholds; the
+    dataset value is the mean over images (per-image averaging only: the protocol averages
+    per-image curves). Thresholds ``linspace(1, 0, T)``, foreground ``p >= t``; as in PraNet's
+    toolbox a threshold where
     prediction and mask do not overlap scores 0, also when both are empty (see
     :mod:`foveal.metrics.segmentation`). Higher is better.
     """

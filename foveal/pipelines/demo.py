@@ -2,8 +2,9 @@
 
 1. a synthetic polyp dataset in the standard layout (or ``data=`` a user's dataset);
 2. ``rta-former-t`` trained briefly, evaluated with the polyp-benchmark meanDice / meanIoU;
-3. the trained segmenter's predicted regions explained with every CAM explainer and the
-   explanations scored (deletion, insertion, average drop / increase, pointing game);
+3. the trained segmenter's predicted regions explained with every registered CAM explainer
+   (:func:`cam_methods`) and the explanations scored (deletion, insertion, average drop / increase,
+   pointing game) through :func:`foveal.evaluation.evaluate`;
 4. a tiny classifier with GAP and with CA-Stream pooling compared on explanation metrics;
 5. the weakly-supervised pipeline (ViT LRP seeds -> AffinityNet -> random walk), seed vs
    refined mIoU;
@@ -23,12 +24,9 @@ from typing import Any
 import torch
 
 from .. import __version__, registry
-from ..core.explainer import SegmentationTarget
 from ..report import Report, plot_curves
 from ..viz import grid, heatmap_overlay, mask_overlay, save_image
 
-CAM_METHODS = ("grad-cam", "grad-cam++", "xgrad-cam", "layer-cam", "smoothgrad-cam++", "score-cam", "abs-cam",
-               "abs-cam-init", "attention-guided-cam")
 SEGMENTER_METRICS = ("deletion", "insertion", "average-drop", "average-increase")
 SEGMENTER_LAYER = "decoder.head.0"  # the fused decoder feature (stride 4) in front of the classifier conv
 
@@ -46,6 +44,18 @@ SETTINGS = {
     "full": dict(train_images=96, test_images=24, size=64, epochs=10, lr=2e-3, explain_images=4, curve_steps=64,
                  pooling_images=None, wsss=dict(images=64, size=64, cls_epochs=25, aff_epochs=6, examples=6)),
 }
+
+
+def cam_methods(reg=None, outputs: int | None = None) -> list[str]:
+    """Every registered explainer whose class derives from
+    :class:`~foveal.explainers.cam.CAMBase` (sorted names), so a new CAM method, bundled or from a
+    plugin, is in the demo without editing it; with ``outputs``, only the methods that apply to a
+    model with that many output channels (``CAMBase.min_outputs``: Finer-CAM needs two classes)."""
+    from ..explainers.cam import CAMBase
+
+    reg = reg or registry.REGISTRY
+    return [n for n in reg.names(kind="explainer") if issubclass(reg.entry(n).cls, CAMBase)
+            and (outputs is None or reg.entry(n).cls.min_outputs <= outputs)]
 
 
 class Steps:
@@ -151,30 +161,29 @@ def train_segmenter(data: Path, out: Path, s: dict, seed: int, progress: bool, r
 def explain_segmenter(model, data: Path, s: dict, progress: bool, report: Report) -> dict[str, Any]:
     from ..data.images import to_uint8
     from ..data.polyp import PolypDataset, find_test_sets
+    from ..evaluation import evaluate
 
     folder = next(iter(find_test_sets(data).values()))
     ds = PolypDataset(folder, size=s["size"], soft_masks=False)  # binary masks for the localisation metrics
     n = min(s["explain_images"], len(ds))
     images = torch.stack([ds[i][0] for i in range(n)])
     masks = torch.stack([ds[i][1][0] for i in range(n)]).bool()
-    target = SegmentationTarget(0)  # the model's own predicted polyp region
-    metrics = {m: registry.build(m, **({"steps": s["curve_steps"]} if m in ("deletion", "insertion") else {}))
-               for m in SEGMENTER_METRICS}
-    pointing = registry.build("pointing-game", tolerance=max(2, s["size"] // 16))
-    rows, maps_by_method = [], {}
-    for method in CAM_METHODS:
+    methods = cam_methods(outputs=1)  # the segmenter has one (polyp) output channel
+    explainers = {}
+    for method in methods:
         options = {"target_layer": SEGMENTER_LAYER}
         if "progress" in registry.info(method)["fields"]:
             options["progress"] = progress
-        t0 = time.perf_counter()
-        maps = registry.build(method, **options).explain(model, images, target)
-        seconds = time.perf_counter() - t0
-        maps_by_method[method] = maps
-        row = {"method": method, "explain s": round(seconds, 2)}
-        for name, metric in metrics.items():
-            row[name] = metric.aggregate(metric(model, images, maps))  # None: the frozen predicted region
-        row["pointing-game"] = pointing.aggregate(pointing(maps, masks))
-        rows.append(row)
+        explainers[method] = registry.build(method, **options)
+    metrics = {m: registry.build(m, **({"steps": s["curve_steps"]} if m in ("deletion", "insertion") else {}))
+               for m in SEGMENTER_METRICS}
+    metrics["pointing-game"] = registry.build("pointing-game", tolerance=max(2, s["size"] // 16))
+    # "predicted" on a segmenter: the model's own predicted polyp region, frozen for the metrics
+    result = evaluate(model, {"image": images, "mask": masks}, explainers, metrics, targets="predicted",
+                      batch_size=n, keep_maps=n, resamples=0, progress=False)
+    rows = [{"method": m, "explain s": round(result.seconds[m]["explain"] * n, 2), **result.aggregates[m]}
+            for m in methods]
+    maps_by_method = result.maps
     scale = max(1, -(-128 // images.shape[-1]))  # show small demo images at >= 128 px
 
     def big(t: torch.Tensor, mode: str) -> torch.Tensor:
@@ -184,8 +193,8 @@ def explain_segmenter(model, data: Path, s: dict, progress: bool, report: Report
     masks_big = big(masks, "nearest").bool()
     cells = [[rgb[i] for i in range(n)], [mask_overlay(rgb[i], masks_big[i].numpy()) for i in range(n)]]
     cells += [[heatmap_overlay(rgb[i], big(maps_by_method[m], "bilinear")[i].clamp(0, 1).numpy()) for i in range(n)]
-              for m in CAM_METHODS]
-    picture = grid(cells, row_labels=["image", "truth", *CAM_METHODS], col_labels=[f"#{i}" for i in range(n)])
+              for m in methods]
+    picture = grid(cells, row_labels=["image", "truth", *methods], col_labels=[f"#{i}" for i in range(n)])
     report.section("3. Explaining the segmenter",
                    f"Every CAM explainer on the fused decoder feature ({SEGMENTER_LAYER}) of the trained model, "
                    "target: the sum of polyp logits over the predicted region. Deletion/insertion are RISE AUCs "
@@ -199,11 +208,13 @@ def explain_segmenter(model, data: Path, s: dict, progress: bool, report: Report
 def compare_pooling(out: Path, s: dict, quick: bool, seed: int, progress: bool, report: Report) -> dict[str, Any]:
     from .pooling_study import COLUMNS, run_table1
 
-    results = run_table1(out, synthetic=True, steps=16 if quick else 32, limit=s["pooling_images"],
+    results = run_table1(out, synthetic=True, limit=s["pooling_images"],
                          figure_images=3 if quick else 4, seed=seed, progress=progress, verbose=False)
     report.section("4. GAP vs CA-Stream pooling (CA-Stream Table 1 layout)",
                    "A tiny ResNet trained from scratch on synthetic shapes with GAP, then CA-Stream trained on the "
-                   "frozen network; both explained with Grad-CAM, Grad-CAM++ and Score-CAM on the last stage.")
+                   "frozen network; both explained with Grad-CAM, Grad-CAM++ and Score-CAM on the last stage and "
+                   "scored with the ca-stream-table1 protocol (ground-truth class, masking in pixel space, the "
+                   "authors' insertion/deletion step).")
     report.table([{"pooling": p.upper(), "accuracy %": a} for p, a in results["accuracy"].items()], "accuracy")
     rows = [{"method": meth, "pooling": pool.upper(), **{COLUMNS[m]: v for m, v in vals.items()}}
             for meth, by_pool in results["scores"].items() for pool, vals in by_pool.items()]

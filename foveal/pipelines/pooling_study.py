@@ -2,10 +2,14 @@
 accuracy, and for each pooling Grad-CAM, Grad-CAM++ and Score-CAM scored with average drop (AD),
 average gain (AG), average increase (AI), insertion (I) and deletion (D).
 
-Used by ``examples/ca_stream_table1.py`` and by ``foveal demo``. Conventions: explanations and
-metrics use the predicted class; AD/AG/AI in percent with the soft-mask ``E * x``; I/D are RISE
-areas under the curve (insertion from the blurred image, deletion to zeros), reported x100 as in
-the paper.
+Used by ``examples/ca_stream_table1.py`` and by ``foveal demo``. The scores run through
+:func:`foveal.evaluation.evaluate` with the ``ca-stream-table1`` protocol
+(:mod:`foveal.evaluation.protocols`), i.e. as the authors' evaluation code computes them
+(``ftorres11/CA_Stream`` ``engine/evaluation.py``): the ground-truth class is explained and scored;
+AD/AG/AI in percent on ``normalise(denormalise(x) * map)`` (the soft map over a black image in pixel
+space, softmax probabilities); I/D are areas under the softmax-probability curve with 8 image rows
+of pixels per step (insertion from the 5 x 5, sigma 5 blur, deletion to zeros of the normalised
+tensor), reported x100 as in the paper.
 """
 
 from __future__ import annotations
@@ -17,12 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from .. import registry
 from ..core.errors import InputError
 from ..data.classification import ImageFolderDataset, make_synthetic_classes, split_folder
-from ..data.images import to_uint8
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD, to_uint8
 from ..models.ca_stream import TimmClassifier, wrap_classifier
 from ..registry.checkpoints import load
 from ..viz import grid, heatmap_overlay, save_image
@@ -57,28 +60,32 @@ def explainer(method: str, model: TimmClassifier, progress: bool):
     return registry.build(method, target_layer=model.target_layer, **quiet)
 
 
-def evaluate(models: dict[str, TimmClassifier], loader, methods, steps: int, device, progress: bool) -> dict:
-    """Accuracy per pooling and mean metric per (method, pooling, metric)."""
-    metrics = {m: registry.build(m, **({"steps": steps} if m in PERCENT else {})) for m in METRICS}
-    explainers = {(meth, pool): explainer(meth, model, progress) for meth in methods for pool, model in models.items()}
+def evaluate(models: dict[str, TimmClassifier], dataset, methods, *, image_size: int, batch_size: int = 16,
+             steps: int | None = None, limit: int | None = None, device=None, progress: bool = True) -> dict:
+    """Accuracy per pooling and the dataset value of every (method, pooling, metric) under the
+    ``ca-stream-table1`` protocol (``steps`` overrides its insertion/deletion step count)."""
+    from ..evaluation import evaluate as evaluate_explanations
+    from ..evaluation import get_protocol
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    metrics = get_protocol("ca-stream-table1").metrics(image_size, IMAGENET_MEAN, IMAGENET_STD)
+    for name in ("insertion", "deletion") if steps is not None else ():
+        metrics[name] = registry.build(name, **{**metrics[name].config.model_dump(), "steps": steps})
+    scores: dict = {meth: {} for meth in methods}
+    for pool, model in models.items():
+        explainers = {meth: explainer(meth, model, progress) for meth in methods}
+        result = evaluate_explanations(model, dataset, explainers, metrics, targets="label", metric_targets="label",
+                                       batch_size=batch_size, limit=n, resamples=0, progress=progress)
+        for meth in methods:
+            scores[meth][pool] = {name: v * (100 if name in PERCENT else 1)
+                                  for name, v in result.aggregates[meth].items()}
     correct = {pool: 0 for pool in models}
-    values = {meth: {pool: {m: [] for m in METRICS} for pool in models} for meth in methods}
-    n = 0
-    for images, labels in tqdm(loader, desc="table 1", disable=not progress):
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False)
+    for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
-        n += len(labels)
         for pool, model in models.items():
             with torch.no_grad():
                 correct[pool] += int((model(images).argmax(1) == labels).sum())
-            for meth in methods:
-                saliency = explainers[meth, pool].explain(model, images)
-                for name, metric in metrics.items():
-                    values[meth][pool][name].append(metric.compute(model, images, saliency).cpu())
-    scores = {
-        meth: {pool: {name: metrics[name].aggregate(torch.cat(v)) * (100 if name in PERCENT else 1)
-                      for name, v in per.items()} for pool, per in by_pool.items()}
-        for meth, by_pool in values.items()
-    }
     return {"images": n, "accuracy": {pool: 100 * c / max(n, 1) for pool, c in correct.items()}, "scores": scores}
 
 
@@ -123,7 +130,7 @@ def run_table1(
     limit: int | None = None,
     batch_size: int = 16,
     image_size: int = 224,
-    steps: int = 224,
+    steps: int | None = None,
     figure_images: int = 4,
     device: str | None = None,
     seed: int = 0,
@@ -160,18 +167,16 @@ def run_table1(
     models = {"gap": gap, "ca": ca}
 
     dataset = ImageFolderDataset(split_folder(data, "val"), image_size=image_size)
-    if args.limit:
-        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
-    results = evaluate(models, loader, args.methods, args.steps, device, progress)
+    results = evaluate(models, dataset, args.methods, image_size=image_size, batch_size=args.batch_size,
+                       steps=args.steps, limit=args.limit, device=device, progress=progress)
     results.update(seconds=round(time.time() - t0, 1), data=str(data), ca=str(ca_path),
                    gap=str(gap_path) if gap_path else "CA model's network with GAP")
     table = format_table(results)
     (out / "table1.md").write_text(table + "\n")
     (out / "table1.json").write_text(json.dumps(results, indent=2))
-    k = min(args.figure_images, len(dataset))
+    k = min(args.figure_images, results["images"])
     if k:
-        picks = np.linspace(0, len(dataset) - 1, k).round().astype(int)  # spread over the classes
+        picks = np.linspace(0, results["images"] - 1, k).round().astype(int)  # spread over the classes
         images = torch.stack([dataset[int(i)][0] for i in picks]).to(device)
         picture = figure(models, images, args.methods)
         save_image(picture, out / "figure.png")

@@ -4,9 +4,21 @@ CA-Stream's attention."""
 from ..explainers.attention_baselines import AttentionGradCAM, AttentionRollout, PartialLRP, RawAttention
 from ..explainers.attention_guided import AttentionGuidedCAM
 from ..explainers.ca_attention import CaAttention
-from ..explainers.gradient_cams import AbsCAMInit, GradCAM, GradCAMPlusPlus, LayerCAM, SmoothGradCAMpp, XGradCAM
+from ..explainers.decomposition_cams import KPCACAM, EigenCAM
+from ..explainers.gradient_cams import (
+    AbsCAMInit,
+    FinerCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ShapleyCAM,
+    SmoothGradCAMpp,
+    XGradCAM,
+)
+from ..explainers.input_gradients import GradientXInput, IntegratedGradients, SmoothGrad
 from ..explainers.lrp import LRP
-from ..explainers.score_cams import AbsCAM, ScoreCAM
+from ..explainers.score_cams import AblationCAM, AbsCAM, ScoreCAM
 from ..explainers.vit_lrp import TransformerAttribution
 from ..registry import hookimpl
 
@@ -22,6 +34,15 @@ def register_components(register):
     register("abs-cam", AbsCAM, aliases=("abscam",))
     register("abs-cam-init", AbsCAMInit)
     register("attention-guided-cam", AttentionGuidedCAM, aliases=("ag-cam",))
+    register("hirescam", HiResCAM, aliases=("hi-res-cam",))
+    register("shapley-cam", ShapleyCAM, aliases=("shapleycam",))
+    register("finer-cam", FinerCAM, aliases=("finercam",))
+    register("ablation-cam", AblationCAM, aliases=("ablationcam",))
+    register("eigen-cam", EigenCAM, aliases=("eigencam",))
+    register("kpca-cam", KPCACAM, aliases=("kpcacam",))
+    register("grad-x-input", GradientXInput, aliases=("gradient-times-input",))
+    register("integrated-gradients", IntegratedGradients, aliases=("ig",))
+    register("smoothgrad", SmoothGrad, aliases=("smooth-grad",))
     register("vit-lrp", TransformerAttribution, aliases=("transformer-attribution",))
     register("attention-rollout", AttentionRollout, aliases=("rollout",))
     register("raw-attention", RawAttention, aliases=("vit-raw-attention",))
