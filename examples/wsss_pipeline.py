@@ -10,6 +10,9 @@
 
     .venv/bin/python examples/wsss_pipeline.py --out runs/wsss          # a few minutes on a CPU
     .venv/bin/python examples/wsss_pipeline.py --out runs/wsss --quick  # smaller, for a smoke test
+
+Running it again into the same folder resumes the run there (finished stages are not redone). The
+same pipeline runs on PASCAL VOC 2012 with ``foveal wsss --dataset voc --data-root ROOT`` (docs/wsss.md).
 """
 
 from __future__ import annotations
@@ -57,14 +60,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     options = dict(images=32, cls_epochs=20, aff_epochs=4) if args.quick else {}
-    result = run_wsss(out=args.out, seed=args.seed, **options)
+    resume = Path(args.out, "config.json").exists()  # a second run continues the first
+    result = run_wsss(out=args.out, seed=args.seed, resume=resume, **options)
     print(f"\nseed mIoU {100 * result.seed_miou:.1f} -> AffinityNet mIoU {100 * result.refined_miou:.1f}")
     for name, a, b in zip(["background", *result.classes], result.seed_iou, result.refined_iou):
         print(f"  {name:<12} {100 * a:5.1f} -> {100 * b:5.1f}")
     table = explainer_table(result)
     print("\n" + table)
     Path(args.out, "explainers.md").write_text(table + "\n")
-    print(f"\nwrote {args.out}/examples.png, {args.out}/result.json, {args.out}/explainers.md")
+    print(f"\nwrote {args.out}/examples.png, {args.out}/report.html, {args.out}/result.json, {args.out}/explainers.md")
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def compare_pooling(out: Path, s: dict, quick: bool, seed: int, progress: bool, 
 def run_weak_supervision(out: Path, s: dict, seed: int, progress: bool, report: Report) -> dict[str, Any]:
     from .wsss import run_wsss
 
-    result = run_wsss(out=str(out), seed=seed, progress=progress, **WSSS_MODELS, **s["wsss"])
+    result = run_wsss(out=str(out), seed=seed, progress=progress, overwrite=True, **WSSS_MODELS, **s["wsss"])
     report.section("5. Weakly-supervised segmentation",
                    "A tiny ViT classifier trained on image-level labels of synthetic multi-object images; "
                    "vit-lrp seeds -> AffinityNet affinity labels -> training -> random walk -> pseudo-masks.")
