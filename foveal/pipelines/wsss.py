@@ -664,7 +664,7 @@ def _check_out(cfg: WSSSConfig, out: Path, main: bool, world: int) -> None:
     mine = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_ONLY}
     exists = path.exists()
     _barrier(world)  # every process looks before rank 0 writes
-    if exists and cfg.overwrite:
+    if cfg.overwrite:  # also a folder of an older foveal without config.json: the run's own names only
         if main:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
