@@ -126,8 +126,8 @@ def _build_metric(spec: str, mean, std):
 
 
 def _open_dataset(args, size, resize, mean, std):
-    from ..data.datasets import open_dataset
-    from ..evaluation.items import BoxMasks, ImageFiles
+    from ..data.datasets import FolderDataset, open_dataset
+    from ..evaluation.items import BoxMasks
 
     geometry = {"size": None if resize == "none" else size, "resize": resize, "mean": mean, "std": std}
     if args.images and args.dataset:
@@ -135,7 +135,7 @@ def _open_dataset(args, size, resize, mean, std):
     if args.images:
         if args.data_root or args.split or args.boxes:
             raise InputError("--data-root, --split and --boxes go with --dataset")
-        return ImageFiles(args.images, masks=args.masks, **{**geometry, "resize": resize or "resize"})
+        return FolderDataset(args.images, mask_folder=args.masks, **{**geometry, "resize": resize or "resize"})
     if not args.dataset:
         raise InputError("no images: give image files/folders, or --dataset KIND --data-root ROOT")
     if not args.data_root:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,26 +26,44 @@ def _binary_mask(path: Path, threshold: int = 127) -> np.ndarray:
 
 
 class FolderDataset(ItemDataset):
-    """A plain folder of images (sorted by name; ``"label"`` -1), with binary masks from
-    ``mask_folder`` matched by file stem (grey > 127 -> 1, else 0) when given."""
+    """Image files and folders of images (each folder sorted by name; ``"label"`` -1; ids are the
+    file stems), with binary masks from ``mask_folder`` matched by file stem (grey > 127 -> 1,
+    else 0) when given. ``root`` is one folder or a sequence of files and folders (what
+    ``foveal evaluate-explanations IMAGES...`` takes)."""
 
-    def __init__(self, root: str | os.PathLike, *, mask_folder: str | os.PathLike | None = None, **options) -> None:
+    def __init__(self, root: str | os.PathLike | Sequence[str | os.PathLike], *,
+                 mask_folder: str | os.PathLike | None = None, **options) -> None:
+        from .images import IMAGE_SUFFIXES
+
         super().__init__(**options)
-        self.root = Path(root)
-        self.images = list_images(self.root)
+        entries = [root] if isinstance(root, (str, os.PathLike)) else list(root)
+        self.root = Path(entries[0]) if len(entries) == 1 else None
+        self.images: list[Path] = []
+        for entry in map(Path, entries):
+            if entry.is_dir():
+                self.images += list_images(entry)
+            elif entry.is_file():
+                if entry.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise InputError(f"{entry}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
+                self.images.append(entry)
+            else:
+                raise FileNotFoundError(f"image or folder not found: {entry}")
+        where = ", ".join(str(e) for e in entries)
         if not self.images:
-            raise InputError(f"{self.root}: no images found")
+            raise InputError(f"{where}: no images found")
         stems = [p.stem for p in self.images]
         if len(set(stems)) != len(stems):
             dup = next(s for s in stems if stems.count(s) > 1)
-            raise InputError(f"{self.root}: two images share the stem {dup!r} (ids must be unique)")
+            raise InputError(f"{where}: two images share the stem {dup!r} (ids must be unique)")
         self.ids = stems
         self.masks: list[Path] | None = None
         if mask_folder is not None:
+            if not Path(mask_folder).is_dir():
+                raise FileNotFoundError(f"mask folder not found: {mask_folder}")
             by_stem = {p.stem: p for p in list_images(mask_folder)}
             missing = [p.name for p in self.images if p.stem not in by_stem]
             if missing:
-                raise InputError(f"{len(missing)} image(s) of {self.root} have no mask with the same stem in "
+                raise InputError(f"{len(missing)} image(s) of {where} have no mask with the same stem in "
                                  f"{mask_folder}, e.g. {missing[:3]}")
             self.masks = [by_stem[s] for s in stems]
 

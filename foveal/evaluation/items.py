@@ -8,8 +8,6 @@
   a missing ``id`` becomes the zero-padded index, a missing ``label`` -1.
 * :class:`TensorItems` is the in-memory case: a tensor of images, or a dict of tensors
   (``{"image": x, "mask": m, "label": y}``).
-* :class:`ImageFiles`: image files and folders with optional masks matched by file stem (what
-  ``foveal evaluate-explanations IMAGES...`` reads).
 * :class:`BoxMasks`: ImageNet val with the bounding boxes of Kaggle's ``LOC_val_solution.csv``
   drawn as masks (the pointing game of Abs-CAM, sec. 4.3, scores points against boxes).
 """
@@ -17,7 +15,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,6 @@ import torch
 from torch.utils.data import Dataset
 
 from ..core.errors import InputError
-from ..data.items import ItemDataset, open_image
 
 
 def _as_mask(value: torch.Tensor) -> torch.Tensor:
@@ -119,55 +116,6 @@ class TensorItems(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = {k: (v[index] if k != "label" else int(v[index])) for k, v in self.data.items()}
         return item
-
-
-class ImageFiles(ItemDataset):
-    """Image files (and the images of folders, sorted by name) as items; ``masks``: a folder with one
-    mask per image, matched by file stem (grey > 127 -> 1, else 0). Ids are the file stems."""
-
-    def __init__(self, items: Sequence[str | os.PathLike], *, masks: str | os.PathLike | None = None,
-                 **options) -> None:
-        from ..data.images import IMAGE_SUFFIXES, list_images
-
-        super().__init__(**options)
-        paths: list[Path] = []
-        for entry in items:
-            p = Path(entry)
-            if p.is_dir():
-                paths += list_images(p)
-            elif p.is_file():
-                if p.suffix.lower() not in IMAGE_SUFFIXES:
-                    raise InputError(f"{p}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-                paths.append(p)
-            else:
-                raise FileNotFoundError(f"image or folder not found: {p}")
-        if not paths:
-            raise InputError(f"no images found in {', '.join(str(i) for i in items)}")
-        stems = [p.stem for p in paths]
-        if len(set(stems)) != len(stems):
-            dup = next(s for s in stems if stems.count(s) > 1)
-            raise InputError(f"two images share the stem {dup!r} (ids must be unique)")
-        self.paths, self.ids = paths, stems
-        self.mask_paths: list[Path] | None = None
-        if masks is not None:
-            folder = Path(masks)
-            if not folder.is_dir():
-                raise FileNotFoundError(f"--masks: folder not found: {folder}")
-            by_stem = {p.stem: p for p in list_images(folder)}
-            missing = [p for p in paths if p.stem not in by_stem]
-            if missing:
-                raise FileNotFoundError(f"no mask for {missing[0].name} in {folder} (expected a file named "
-                                        f"{missing[0].stem}.png or similar)")
-            self.mask_paths = [by_stem[s] for s in stems]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        mask = None
-        if self.mask_paths is not None:
-            mask = (np.asarray(open_image(self.mask_paths[index], "mask").convert("L")) > 127).astype(np.uint8)
-        return self._item(index, self.ids[index], open_image(self.paths[index]), mask=mask)
 
 
 def read_boxes(path: str | os.PathLike) -> dict[str, list[tuple[str, int, int, int, int]]]:
