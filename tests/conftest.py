@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -22,3 +23,14 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A folder on sys.path for third-party plugin distributions written by a test (``tp_*``
+    modules), with every third-party plugin allowed; the modules are forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("FOVEAL_LOAD_PLUGINS", raising=False)
+    yield tmp_path
+    for mod in [m for m in sys.modules if m.startswith("tp_")]:
+        del sys.modules[mod]

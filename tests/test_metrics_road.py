@@ -24,6 +24,8 @@ from foveal.core.errors import InputError
 from foveal.metrics.explanation import ROAD_FRACTIONS, noisy_linear_imputation, road, road_curve
 from foveal.testing import check_component
 
+from .test_metrics_properties import RegionModel
+
 # pytorch-grad-cam calls numpy functions on torch tensors (numpy 2 deprecation warnings of the oracle)
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
 FAST = settings(max_examples=15, deadline=None)
@@ -58,19 +60,6 @@ class PixelLinear(nn.Module):
 
     def forward(self, x):
         return self.fc(x.flatten(1))
-
-
-class RegionModel(nn.Module):
-    """Class 1's logit is 4 x the mean of channel 0 over a known region; class 0's is 0."""
-
-    def __init__(self, region: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("region", region.float())
-        self.scale = nn.Parameter(torch.tensor(4.0))
-
-    def forward(self, x):
-        s = (x[:, 0] * self.region).flatten(1).sum(1) / self.region.sum()
-        return torch.stack([torch.zeros_like(s), self.scale * s], 1)
 
 
 def distinct_maps(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:

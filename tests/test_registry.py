@@ -7,7 +7,6 @@ discovers them exactly as it discovers pip-installed distributions.
 
 from __future__ import annotations
 
-import sys
 import textwrap
 import warnings
 
@@ -44,13 +43,6 @@ def register_components(register):
 """
 
 
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv("FOVEAL_LOAD_PLUGINS", raising=False)
-    yield tmp_path
-    for mod in [m for m in sys.modules if m.startswith("tp_")]:
-        del sys.modules[mod]
 
 
 def fresh() -> Registry:

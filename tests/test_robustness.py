@@ -84,13 +84,6 @@ def test_metrics_under_no_grad_and_inference_mode(name):
 # ---------------------------------------------------------------------------------------------
 # Plugins that exit (item 6)
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv("FOVEAL_LOAD_PLUGINS", raising=False)
-    yield tmp_path
-    for mod in [m for m in sys.modules if m.startswith("tp_")]:
-        del sys.modules[mod]
 
 
 def load(reg: Registry) -> list:
